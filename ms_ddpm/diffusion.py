@@ -1,0 +1,171 @@
+"""Gaussian diffusion (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"; equation numbers refer to it).
+
+Forward process    q(x_t | x_0)          = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)               (Eq. 4)
+Posterior          q(x_{t-1} | x_t, x_0) = N(mu_tilde_t(x_t, x_0), beta_tilde_t I)                     (Eqs. 6-7)
+Reverse process    p(x_{t-1} | x_t)      = N(mu_theta(x_t, t), sigma_t^2 I), sigma_t^2 in {beta_tilde_t, beta_t}
+
+The network predicts one of three targets (`objective`):
+    "eps": the noise epsilon (Ho et al. Eq. 11-14);  "x0": the clean image;
+    "v":   v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022, "Progressive Distillation", Sec. 4).
+
+Tables are built once in NumPy float64 (as improved-diffusion does) and kept twice: as float64 arrays for the
+samplers, which index them with Python integers, and as float32 tensors that the training graph gathers per sample.
+The prediction conversions accept either a Python float or a broadcastable tensor for alpha_bar, so the samplers
+and the training loss share one implementation of each formula.
+"""
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+
+from .utils import check_choice
+
+OBJECTIVES = ("eps", "x0", "v")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+
+def q_posterior_coefficients(alpha_bar_t, alpha_bar_prev):
+    """Coefficients of q(x_prev | x_t, x_0) for a jump from t to an earlier step `prev` (Eqs. 6-7).
+
+    With beta = 1 - alpha_bar_t / alpha_bar_prev (the single-step beta_t when prev = t - 1, and the beta of the
+    respaced chain otherwise):
+        mu_tilde   = coef_x0 * x_0 + coef_xt * x_t
+        coef_x0    = sqrt(alpha_bar_prev) beta / (1 - alpha_bar_t)
+        coef_xt    = sqrt(1 - beta) (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+        beta_tilde = (1 - alpha_bar_prev) / (1 - alpha_bar_t) beta
+    Works elementwise on floats and NumPy arrays. Returns (coef_x0, coef_xt, beta_tilde, beta).
+    """
+    beta = 1.0 - alpha_bar_t / alpha_bar_prev
+    coef_x0 = np.sqrt(alpha_bar_prev) * beta / (1.0 - alpha_bar_t)
+    coef_xt = np.sqrt(1.0 - beta) * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)
+    beta_tilde = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta
+    return coef_x0, coef_xt, beta_tilde, beta
+
+
+def predict_x0(objective, model_output, x_t, alpha_bar):
+    """x_0 implied by the network output at a point x_t whose cumulative alpha is `alpha_bar`.
+
+    eps: x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)                      (inverse of Eq. 4)
+    v:   x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v                           (Salimans & Ho, Sec. 4)
+    """
+    if objective == "eps":
+        return (x_t - (1 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5
+    if objective == "v":
+        return alpha_bar**0.5 * x_t - (1 - alpha_bar) ** 0.5 * model_output
+    return model_output
+
+
+def predict_eps(objective, model_output, x_t, alpha_bar):
+    """epsilon implied by the network output (see `predict_x0`); v: eps = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) x_t."""
+    if objective == "eps":
+        return model_output
+    if objective == "v":
+        return alpha_bar**0.5 * model_output + (1 - alpha_bar) ** 0.5 * x_t
+    return (x_t - alpha_bar**0.5 * model_output) / (1 - alpha_bar) ** 0.5
+
+
+class GaussianDiffusion(nn.Cell):
+    """The DDPM forward process, its posterior and the reverse-process parameterisation.
+
+    A parameter-free Cell so that its tensor methods compile inside a training graph; the samplers use the NumPy
+    tables directly.
+
+    Args:
+        betas: (T,) array of forward-process variances, e.g. from `ms_ddpm.schedules.get_beta_schedule`.
+        objective: what the network predicts, one of OBJECTIVES.
+        variance_type: reverse-process variance sigma_t^2, "fixed_small" = beta_tilde_t or "fixed_large" = beta_t
+            (Ho et al. Sec. 3.2: both gave similar samples; fixed_large is the better bound for x_0 ~ N(0, I)).
+        clip_denoised: clip predicted x_0 to [-1, 1] when sampling, as the DDPM reference code does.
+    """
+
+    def __init__(self, betas, objective="eps", variance_type="fixed_small", clip_denoised=True):
+        super().__init__()
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not np.all((betas > 0) & (betas < 1)):
+            raise ValueError("betas must be a 1-D array with every value in (0, 1)")
+        self.objective = check_choice("objective", objective, OBJECTIVES)
+        self.variance_type = check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        self.clip_denoised = clip_denoised
+        self.num_timesteps = len(betas)
+
+        # q(x_t | x_0), Eq. 4
+        self.betas = betas
+        self.alphas_cumprod = np.cumprod(1.0 - betas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        # q(x_{t-1} | x_t, x_0), Eqs. 6-7. beta_tilde_0 = 0, so its log is clipped to beta_tilde_1 (as in the
+        # reference code): the value only enters the t = 0 term of the bound, which is a decoder term anyway.
+        coef_x0, coef_xt, beta_tilde, _ = q_posterior_coefficients(self.alphas_cumprod, self.alphas_cumprod_prev)
+        self.posterior_mean_coef1 = coef_x0
+        self.posterior_mean_coef2 = coef_xt
+        self.posterior_variance = beta_tilde
+        self.posterior_log_variance_clipped = np.log(np.append(beta_tilde[1], beta_tilde[1:]))
+        # p(x_{t-1} | x_t): sigma_t^2 (Sec. 3.2); fixed_large uses beta_tilde_1 at t = 0 for the same reason.
+        if variance_type == "fixed_small":
+            self.model_variance = beta_tilde
+            self.model_log_variance = self.posterior_log_variance_clipped
+        else:
+            self.model_variance = np.append(beta_tilde[1], betas[1:])
+            self.model_log_variance = np.log(self.model_variance)
+
+        # float32 copies for the training graph
+        self._sqrt_alphas_cumprod = ms.Tensor(np.sqrt(self.alphas_cumprod), ms.float32)
+        self._sqrt_one_minus_alphas_cumprod = ms.Tensor(np.sqrt(1.0 - self.alphas_cumprod), ms.float32)
+        self._alphas_cumprod = ms.Tensor(self.alphas_cumprod, ms.float32)
+        self._posterior_mean_coef1 = ms.Tensor(coef_x0, ms.float32)
+        self._posterior_mean_coef2 = ms.Tensor(coef_xt, ms.float32)
+        self._posterior_variance = ms.Tensor(beta_tilde, ms.float32)
+        self._posterior_log_variance_clipped = ms.Tensor(self.posterior_log_variance_clipped, ms.float32)
+        self._model_variance = ms.Tensor(self.model_variance, ms.float32)
+        self._model_log_variance = ms.Tensor(self.model_log_variance, ms.float32)
+
+    @property
+    def snr(self):
+        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) per timestep, float64 (Kingma et al. 2021, Eq. 1)."""
+        return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+
+    @staticmethod
+    def _extract(table, t, x):
+        """table[t] for a (B,) integer tensor t, shaped (B, 1, ..., 1) to broadcast against x."""
+        return ops.gather(table, t, 0).reshape((-1,) + (1,) * (x.ndim - 1))
+
+    def q_sample(self, x_start, t, noise):
+        """Draw x_t ~ q(x_t | x_0) in closed form (Eq. 4): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+        return (
+            self._extract(self._sqrt_alphas_cumprod, t, x_start) * x_start
+            + self._extract(self._sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+        )
+
+    def training_target(self, x_start, t, noise):
+        """The regression target for the network at (x_0, t, eps): eps, x_0 or v."""
+        if self.objective == "eps":
+            return noise
+        if self.objective == "x0":
+            return x_start
+        return (
+            self._extract(self._sqrt_alphas_cumprod, t, x_start) * noise
+            - self._extract(self._sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
+        )
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (Eqs. 6-7); t is a (B,) int tensor."""
+        mean = (
+            self._extract(self._posterior_mean_coef1, t, x_t) * x_start
+            + self._extract(self._posterior_mean_coef2, t, x_t) * x_t
+        )
+        variance = self._extract(self._posterior_variance, t, x_t)
+        log_variance = self._extract(self._posterior_log_variance_clipped, t, x_t)
+        return mean, variance, log_variance
+
+    def p_mean_variance(self, model_output, x_t, t):
+        """Mean, variance, log-variance and predicted x_0 of p(x_{t-1} | x_t) from the network output.
+
+        mu_theta(x_t, t) = mu_tilde_t(x_t, x0_hat) with x0_hat from `predict_x0` (Eq. 15 plugged into Eq. 7,
+        which for the eps objective is Eq. 11), clipped to [-1, 1] when `clip_denoised`.
+        """
+        alpha_bar = self._extract(self._alphas_cumprod, t, x_t)
+        x0_hat = predict_x0(self.objective, model_output, x_t, alpha_bar)
+        if self.clip_denoised:
+            x0_hat = ops.clamp(x0_hat, -1.0, 1.0)
+        mean, _, _ = self.q_posterior_mean_variance(x0_hat, x_t, t)
+        variance = self._extract(self._model_variance, t, x_t)
+        log_variance = self._extract(self._model_log_variance, t, x_t)
+        return mean, variance, log_variance, x0_hat

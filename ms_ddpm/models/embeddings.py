@@ -1,0 +1,46 @@
+"""Sinusoidal timestep embedding shared by every network in `ms_ddpm.models`."""
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+
+
+def timestep_embedding(timesteps, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0, max_period=10000.0):
+    """Transformer-style sinusoidal embedding of (integer or real) timesteps.
+
+    DDPM (Ho et al. 2020, Appendix B) embeds t with the positional encoding of Vaswani et al. (2017, Sec. 3.5):
+    frequencies exp(-log(max_period) * i / (half - downscale_freq_shift)), i = 0..half-1, sines first.
+    `downscale_freq_shift=1` is the DDPM/annotated-diffusion variant (denominator half - 1); the names and defaults
+    follow diffusers' `get_timestep_embedding`, so converted diffusers weights see the same features.
+
+    Args:
+        timesteps: (B,) tensor of timesteps (any numeric dtype; NCSN passes real noise levels).
+        dim: embedding width; odd widths are zero-padded by one column.
+
+    Returns:
+        (B, dim) float32 tensor.
+    """
+    half = dim // 2
+    # Frequencies in float64, rounded once: float32 exp() error is multiplied by t (up to 1000) in the argument.
+    freqs = np.exp(-math.log(max_period) * np.arange(half) / (half - downscale_freq_shift)).astype(np.float32)
+    args = timesteps.astype(ms.float32)[:, None] * ms.Tensor(freqs)[None, :]
+    emb = ops.cat((ops.sin(args), ops.cos(args)), axis=-1)
+    if flip_sin_to_cos:
+        emb = ops.cat((emb[:, half:], emb[:, :half]), axis=-1)
+    if dim % 2 == 1:
+        emb = ops.pad(emb, (0, 1))
+    return emb
+
+
+class SinusoidalPositionEmbeddings(nn.Cell):
+    """Cell wrapper of `timestep_embedding` (the name used by the annotated-diffusion tutorial)."""
+
+    def __init__(self, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0):
+        super().__init__()
+        self.dim = dim
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.downscale_freq_shift = downscale_freq_shift
+
+    def construct(self, timesteps):
+        return timestep_embedding(timesteps, self.dim, self.flip_sin_to_cos, self.downscale_freq_shift)

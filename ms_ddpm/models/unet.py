@@ -1,0 +1,283 @@
+"""The U-Net of "The Annotated Diffusion Model" (Rogge & Rasul 2022) and its MindSpore tutorial, as Cells.
+
+Structure (Ronneberger et al. 2015 U-Net, as adapted by Ho et al. 2020 and lucidrains' denoising-diffusion-pytorch):
+  init conv -> per level [block, block, linear attention, downsample] -> bottleneck [block, full attention, block]
+  -> per level [concat skip, block, concat skip, block, linear attention, upsample] -> concat input -> block -> conv.
+Blocks are ResNet blocks with weight-standardised convolutions, GroupNorm and scale-shift time conditioning, or
+ConvNeXt blocks (Liu et al. 2022) as in the first version of the tutorial. The time embedding is the sinusoidal
+one of `embeddings.py` followed by an MLP. Layer names follow the tutorial, so weights map one to one.
+"""
+import mindspore as ms
+from mindspore import nn, ops
+
+from ..utils import check_choice
+from .embeddings import SinusoidalPositionEmbeddings
+from .normalization import GroupNorm
+
+BLOCK_TYPES = ("resnet", "convnext")
+
+
+def conv2d(in_channels, out_channels, kernel_size, groups=1, has_bias=True):
+    """A stride-1 'same' convolution initialised like PyTorch's Conv2d."""
+    return nn.Conv2d(
+        in_channels, out_channels, kernel_size, pad_mode="pad", padding=kernel_size // 2, group=groups,
+        has_bias=has_bias,
+    )
+
+
+class WeightStandardizedConv2d(nn.Conv2d):
+    """3x3 convolution whose kernel is standardised per output channel before use (Qiao et al. 2019,
+    "Weight Standardization"); the tutorial pairs it with GroupNorm, with which it trains more stably."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__(in_channels, out_channels, 3, pad_mode="pad", padding=1, has_bias=True)
+
+    def construct(self, x):
+        eps = 1e-5 if x.dtype == ms.float32 else 1e-3
+        weight = self.weight
+        mean = weight.mean(axis=(1, 2, 3), keep_dims=True)
+        var = ((weight - mean) ** 2).mean(axis=(1, 2, 3), keep_dims=True)
+        weight = (weight - mean) * ops.rsqrt(var + eps)
+        return ops.conv2d(x, weight.astype(x.dtype), self.bias.astype(x.dtype), pad_mode="pad", padding=1)
+
+
+class Block(nn.Cell):
+    """Weight-standardised conv -> GroupNorm -> optional scale-shift (FiLM) -> SiLU."""
+
+    def __init__(self, dim, dim_out, groups):
+        super().__init__()
+        self.proj = WeightStandardizedConv2d(dim, dim_out)
+        self.norm = GroupNorm(groups, dim_out)
+
+    def construct(self, x, scale=None, shift=None):
+        x = self.norm(self.proj(x))
+        if scale is not None:
+            x = x * (scale + 1) + shift
+        return ops.silu(x)
+
+
+class ResnetBlock(nn.Cell):
+    """Two Blocks with a residual connection; the time embedding sets the first block's scale and shift
+    (the "scale-shift norm" of Dhariwal & Nichol 2021, Sec. 3). Dropout sits between the two blocks, as in DDPM."""
+
+    def __init__(self, dim, dim_out, time_emb_dim, groups, dropout=0.0):
+        super().__init__()
+        self.mlp = nn.SequentialCell(nn.SiLU(), nn.Dense(time_emb_dim, dim_out * 2))
+        self.block1 = Block(dim, dim_out, groups)
+        self.dropout = nn.Dropout(p=dropout)
+        self.block2 = Block(dim_out, dim_out, groups)
+        self.res_conv = conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def construct(self, x, time_emb):
+        scale, shift = ops.chunk(self.mlp(time_emb)[:, :, None, None], 2, axis=1)
+        h = self.block1(x, scale, shift)
+        h = self.block2(self.dropout(h))
+        return h + self.res_conv(x)
+
+
+class ConvNextBlock(nn.Cell):
+    """ConvNeXt block (Liu et al. 2022) with the time embedding added after the depthwise 7x7 convolution."""
+
+    def __init__(self, dim, dim_out, time_emb_dim, mult=2, dropout=0.0):
+        super().__init__()
+        self.mlp = nn.SequentialCell(nn.GELU(approximate=False), nn.Dense(time_emb_dim, dim))
+        self.ds_conv = conv2d(dim, dim, 7, groups=dim)
+        self.net = nn.SequentialCell(
+            GroupNorm(1, dim),
+            conv2d(dim, dim_out * mult, 3),
+            nn.GELU(approximate=False),
+            nn.Dropout(p=dropout),
+            GroupNorm(1, dim_out * mult),
+            conv2d(dim_out * mult, dim_out, 3),
+        )
+        self.res_conv = conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def construct(self, x, time_emb):
+        h = self.ds_conv(x) + self.mlp(time_emb)[:, :, None, None]
+        return self.net(h) + self.res_conv(x)
+
+
+def _split_heads(qkv, heads):
+    """(B, 3*heads*d, H, W) -> three (B, heads, d, H*W) tensors."""
+    b, c, h, w = qkv.shape
+    return [t.reshape(b, heads, c // (3 * heads), h * w) for t in ops.chunk(qkv, 3, axis=1)]
+
+
+class Attention(nn.Cell):
+    """Multi-head dot-product self-attention over all pixels (Vaswani et al. 2017), used at the bottleneck.
+    The softmax runs in float32 (a mixed-precision trouble spot)."""
+
+    def __init__(self, dim, heads=4, dim_head=32):
+        super().__init__()
+        self.scale = dim_head**-0.5
+        self.heads = heads
+        self.to_qkv = conv2d(dim, dim_head * heads * 3, 1, has_bias=False)
+        self.to_out = conv2d(dim_head * heads, dim, 1)
+
+    def construct(self, x):
+        b, _, h, w = x.shape
+        q, k, v = _split_heads(self.to_qkv(x), self.heads)
+        sim = ops.matmul((q * self.scale).swapaxes(-1, -2), k)  # (B, heads, N, N)
+        attn = ops.softmax(sim.astype(ms.float32), axis=-1).astype(v.dtype)
+        out = ops.matmul(attn, v.swapaxes(-1, -2))  # (B, heads, N, d)
+        return self.to_out(out.swapaxes(-1, -2).reshape(b, -1, h, w))
+
+
+class LinearAttention(nn.Cell):
+    """Linear attention (Shen et al. 2021, "Efficient Attention"): softmax of q over features and of k over pixels,
+    so the cost grows linearly with the number of pixels; used at every resolution."""
+
+    def __init__(self, dim, heads=4, dim_head=32):
+        super().__init__()
+        self.scale = dim_head**-0.5
+        self.heads = heads
+        self.to_qkv = conv2d(dim, dim_head * heads * 3, 1, has_bias=False)
+        self.to_out = nn.SequentialCell(conv2d(dim_head * heads, dim, 1), GroupNorm(1, dim))
+
+    def construct(self, x):
+        b, _, h, w = x.shape
+        q, k, v = _split_heads(self.to_qkv(x), self.heads)
+        q = ops.softmax(q.astype(ms.float32), axis=-2).astype(v.dtype) * self.scale
+        k = ops.softmax(k.astype(ms.float32), axis=-1).astype(v.dtype)
+        context = ops.matmul(k, v.swapaxes(-1, -2))  # (B, heads, d, e)
+        out = ops.matmul(context.swapaxes(-1, -2), q)  # (B, heads, e, N)
+        return self.to_out(out.reshape(b, -1, h, w))
+
+
+class PreNormResidual(nn.Cell):
+    """x + fn(GroupNorm(1 group)(x)): the tutorial's Residual(PreNorm(dim, fn))."""
+
+    def __init__(self, dim, fn):
+        super().__init__()
+        self.norm = GroupNorm(1, dim)
+        self.fn = fn
+
+    def construct(self, x):
+        return x + self.fn(self.norm(x))
+
+
+class Downsample(nn.Cell):
+    """Halve H and W without losing pixels: space-to-depth (each 2x2 patch to 4 channels), then a 1x1 conv."""
+
+    def __init__(self, dim, dim_out):
+        super().__init__()
+        self.conv = conv2d(dim * 4, dim_out, 1)
+
+    def construct(self, x):
+        # the tutorial's Rearrange("b c (h p1) (w p2) -> b (c p1 p2) h w", p1=2, p2=2)
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+        return self.conv(x)
+
+
+class Upsample(nn.Cell):
+    """Nearest-neighbour x2 upsampling, then a 3x3 conv."""
+
+    def __init__(self, dim, dim_out):
+        super().__init__()
+        self.conv = conv2d(dim, dim_out, 3)
+
+    def construct(self, x):
+        return self.conv(ops.interpolate(x, size=(x.shape[-2] * 2, x.shape[-1] * 2), mode="nearest"))
+
+
+class UNetLevel(nn.Cell):
+    """One resolution level: two blocks, linear attention, and a resampler (or a 3x3 conv at the last level)."""
+
+    def __init__(self, block1, block2, attn, resample):
+        super().__init__()
+        self.block1 = block1
+        self.block2 = block2
+        self.attn = attn
+        self.resample = resample
+
+
+class Unet(nn.Cell):
+    """The annotated-diffusion U-Net.
+
+    Args:
+        dim: base width; level i has dim * dim_mults[i] channels; the time embedding has 4 * dim.
+        dim_mults: width multipliers per level; H and W must be divisible by 2 ** (len(dim_mults) - 1).
+        channels: image channels (1 or 3); out_dim defaults to it.
+        init_dim: width of the first conv (default dim).
+        block_type: "resnet" (default) or "convnext".
+        resnet_block_groups: GroupNorm groups in ResNet blocks; every level's width must be divisible by it.
+        heads, dim_head: attention heads and width per head (linear and full attention).
+        dropout: dropout probability inside each block.
+
+    construct(x, t): x (B, channels, H, W) float, t (B,) timesteps -> (B, out_dim, H, W).
+    """
+
+    def __init__(self, dim, dim_mults=(1, 2, 4, 8), channels=3, init_dim=None, out_dim=None, block_type="resnet",
+                 resnet_block_groups=4, heads=4, dim_head=32, dropout=0.0):
+        super().__init__()
+        check_choice("block_type", block_type, BLOCK_TYPES)
+        self.channels = channels
+        self.downsample_factor = 2 ** (len(dim_mults) - 1)
+        init_dim = init_dim or dim
+        time_dim = dim * 4
+
+        def block(dim_in, dim_out):
+            if block_type == "resnet":
+                return ResnetBlock(dim_in, dim_out, time_dim, resnet_block_groups, dropout)
+            return ConvNextBlock(dim_in, dim_out, time_dim, dropout=dropout)
+
+        def linear_attention(d):
+            return PreNormResidual(d, LinearAttention(d, heads, dim_head))
+
+        self.init_conv = conv2d(channels, init_dim, 1)
+        self.time_mlp = nn.SequentialCell(
+            SinusoidalPositionEmbeddings(dim),
+            nn.Dense(dim, time_dim),
+            nn.GELU(approximate=False),
+            nn.Dense(time_dim, time_dim),
+        )
+        dims = [init_dim] + [dim * m for m in dim_mults]
+        in_out = list(zip(dims[:-1], dims[1:]))
+        downs = []
+        for i, (dim_in, dim_out) in enumerate(in_out):
+            last = i == len(in_out) - 1
+            resample = conv2d(dim_in, dim_out, 3) if last else Downsample(dim_in, dim_out)
+            downs.append(UNetLevel(block(dim_in, dim_in), block(dim_in, dim_in), linear_attention(dim_in), resample))
+        # one assignment of a built list: appending to a CellList leaves parameter names unprefixed
+        self.downs = nn.CellList(downs)
+        mid_dim = dims[-1]
+        self.mid_block1 = block(mid_dim, mid_dim)
+        self.mid_attn = PreNormResidual(mid_dim, Attention(mid_dim, heads, dim_head))
+        self.mid_block2 = block(mid_dim, mid_dim)
+        ups = []
+        for i, (dim_in, dim_out) in enumerate(reversed(in_out)):
+            last = i == len(in_out) - 1
+            resample = conv2d(dim_out, dim_in, 3) if last else Upsample(dim_out, dim_in)
+            ups.append(UNetLevel(block(dim_out + dim_in, dim_out), block(dim_out + dim_in, dim_out),
+                                 linear_attention(dim_out), resample))
+        self.ups = nn.CellList(ups)
+        self.out_dim = out_dim or channels
+        self.final_res_block = block(init_dim * 2, dim)
+        self.final_conv = conv2d(dim, self.out_dim, 1)
+
+    def construct(self, x, time):
+        if x.shape[-2] % self.downsample_factor != 0 or x.shape[-1] % self.downsample_factor != 0:
+            raise ValueError(
+                f"Unet: image size {x.shape[-2]}x{x.shape[-1]} cannot be halved {len(self.downs) - 1} times; "
+                f"height and width must be multiples of {self.downsample_factor} (change dim_mults or the size)"
+            )
+        x = self.init_conv(x)
+        r = x
+        t = self.time_mlp(time)
+        skips = []
+        for level in self.downs:
+            x = level.block1(x, t)
+            skips.append(x)
+            x = level.attn(level.block2(x, t))
+            skips.append(x)
+            x = level.resample(x)
+        x = self.mid_block2(self.mid_attn(self.mid_block1(x, t)), t)
+        # skips are read from the end by index: list.pop() does not compile in graph mode
+        n = len(skips)
+        for i, level in enumerate(self.ups):
+            x = level.block1(ops.cat((x, skips[n - 1 - 2 * i]), axis=1), t)
+            x = level.block2(ops.cat((x, skips[n - 2 - 2 * i]), axis=1), t)
+            x = level.resample(level.attn(x))
+        x = self.final_res_block(ops.cat((x, r), axis=1), t)
+        return self.final_conv(x)

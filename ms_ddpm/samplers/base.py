@@ -1,0 +1,116 @@
+"""The interface every sampler shares, in the convention of diffusers' schedulers.
+
+A sampler never owns the network: `step(model_output, timestep, sample, noise)` maps x_t to x_prev from tensors
+alone, and `sample_progressive` is the short loop that calls the network and `step` in turn.
+"""
+from dataclasses import dataclass
+
+import mindspore as ms
+import numpy as np
+from mindspore import ops
+from tqdm.auto import tqdm
+
+from ..diffusion import predict_x0
+from ..utils import check_choice
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+@dataclass
+class SamplerOutput:
+    """prev_sample: x at the next (earlier) timestep; pred_original_sample: the x_0 predicted at this step."""
+
+    prev_sample: ms.Tensor
+    pred_original_sample: ms.Tensor
+
+
+def spaced_timesteps(num_train_timesteps, num_inference_steps, spacing):
+    """Descending integer timesteps; spacings as Table 2 of Lin et al. 2024 ("Common Diffusion Noise Schedules and
+    Sample Steps are Flawed") and diffusers:
+        leading:  0, k, 2k, ... with k = T // N (DDIM paper's uniform skip; never visits t = T-1 when N < T)
+        trailing: T-1, T-1-T/N, ... rounded (always starts from the noisiest step)
+        linspace: round(linspace(0, T-1, N))
+    """
+    check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+    if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps must be an integer from 1 to the {num_train_timesteps} training timesteps, "
+            f"got {num_inference_steps!r}"
+        )
+    if spacing == "leading":
+        steps = np.arange(num_inference_steps) * (num_train_timesteps // num_inference_steps)
+        return steps[::-1].astype(np.int64)
+    if spacing == "trailing":
+        return np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_inference_steps)).astype(np.int64) - 1
+    return np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1].astype(np.int64)
+
+
+class Sampler:
+    """Base class: timesteps, forward noising, and the sampling loop. Subclasses implement `step`.
+
+    Args:
+        diffusion: a `GaussianDiffusion`, whose tables and objective the sampler uses.
+        timestep_spacing: how `set_timesteps` picks a subset of the training timesteps (see `spaced_timesteps`).
+    """
+
+    #: whether `step` uses fresh noise (the loop then draws it from its seeded generator)
+    stochastic = True
+
+    def __init__(self, diffusion, timestep_spacing="leading"):
+        self.diffusion = diffusion
+        self.num_train_timesteps = diffusion.num_timesteps
+        self.timestep_spacing = check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self.set_timesteps(self.num_train_timesteps)
+
+    def set_timesteps(self, num_inference_steps):
+        """Choose the (descending) timesteps the loop visits; sets `self.timesteps` and `self.num_inference_steps`."""
+        self.timesteps = spaced_timesteps(self.num_train_timesteps, num_inference_steps, self.timestep_spacing)
+        self.num_inference_steps = num_inference_steps
+
+    def previous_timestep(self, timestep):
+        """The timestep after `timestep` in `self.timesteps`, or -1 after the last one (meaning x_0)."""
+        index = int(np.flatnonzero(self.timesteps == timestep)[0])
+        return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
+
+    def alpha_bar(self, timestep):
+        """alpha_bar at an integer timestep, with alpha_bar = 1 at timestep -1 (x_0 itself)."""
+        return float(self.diffusion.alphas_cumprod[timestep]) if timestep >= 0 else 1.0
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x_t ~ q(x_t | x_0) (Ho et al. Eq. 4) for a (B,) int tensor of timesteps."""
+        return self.diffusion.q_sample(original_samples, timesteps, noise)
+
+    def step(self, model_output, timestep, sample, noise=None):
+        """One reverse step from x_t (`sample`) at integer `timestep`; returns a SamplerOutput."""
+        raise NotImplementedError
+
+    def predicted_x0(self, model_output, sample, alpha_bar):
+        """x_0 implied by the network output, clipped to [-1, 1] when the diffusion says so."""
+        x0 = predict_x0(self.diffusion.objective, model_output, sample, alpha_bar)
+        return ops.clamp(x0, -1.0, 1.0) if self.diffusion.clip_denoised else x0
+
+    def sample_progressive(self, model, shape, seed=None, x_T=None, progress=True):
+        """Run the reverse chain, yielding a SamplerOutput after every step.
+
+        Args:
+            model: callable (x (B, C, H, W) float32, t (B,) int32) -> network output of x's shape.
+            shape: (B, C, H, W) of the samples.
+            seed: seeds the NumPy generator that draws x_T and the per-step noise, so a seed fixes the samples.
+            x_T: optional starting noise (overrides the one drawn from `seed`).
+            progress: show a tqdm progress bar.
+        """
+        rng = np.random.default_rng(seed)
+        x = ms.Tensor(rng.standard_normal(shape, dtype=np.float32)) if x_T is None else x_T
+        for timestep in tqdm(self.timesteps, desc=type(self).__name__, disable=not progress, leave=False):
+            t = ms.Tensor(np.full((shape[0],), timestep, dtype=np.int32))
+            noise = ms.Tensor(rng.standard_normal(shape, dtype=np.float32)) if self.stochastic else None
+            out = self.step(model(x, t), int(timestep), x, noise)
+            x = out.prev_sample
+            yield out
+
+    def sample(self, model, shape, seed=None, x_T=None, progress=True):
+        """Draw samples (B, C, H, W) as a float32 tensor, nominally in [-1, 1]; see `sample_progressive`."""
+        out = None
+        for out in self.sample_progressive(model, shape, seed=seed, x_T=x_T, progress=progress):
+            pass
+        return out.prev_sample

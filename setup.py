@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ms_ddpm",
+    version="0.1.0",
+    description="Denoising diffusion probabilistic models (DDPM, DDIM, score-based samplers) in MindSpore",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ms_ddpm", "ms_ddpm.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        # MindSpore 2.9 and 2.10 pick oneDNN's plain-layout CPU convolution: about 60x slower than 2.7.1/2.8.
+        "mindspore>=2.7.1,<2.9",
+        # MindSpore 2.7/2.8 wheels are compiled against NumPy 1.x and fail to import with NumPy 2.
+        "numpy<2",
+        "download",
+        "matplotlib",
+        "tqdm",
+        "PyYAML",
+    ],
+    extras_require={
+        "dev": [
+            "pytest",
+            # Reference implementations the tests compare against (same inputs, same weights).
+            "torch==2.13.0",
+            "diffusers",
+            "scipy",
+        ],
+    },
+    entry_points={"console_scripts": ["ms-ddpm=ms_ddpm.cli:main"]},
+)
