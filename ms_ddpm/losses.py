@@ -1,9 +1,10 @@
 """Training losses of diffusion models: per-pixel loss type and per-timestep weighting.
 
 Weightings are written for the eps objective and carried over to the others through the identities
-||x0_hat - x_0||^2 = SNR ||eps_hat - eps||^2 and ||v_hat - v||^2 = (SNR + 1) ||eps_hat - eps||^2
+||x0_hat - x_0||^2 = ||eps_hat - eps||^2 / SNR and ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x_0||^2
 (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", Sec. 3.3), so the same weighting
-means the same thing whatever the network predicts. (The identities are exact for L2, approximate for L1/Huber.)
+means the same thing whatever the network predicts: an x0 loss is weighted by w * SNR, a v loss by
+w * SNR / (SNR + 1). (The identities are exact for L2, approximate for L1/Huber.)
     none:    w = 1: L_simple (Ho et al. 2020, Eq. 14).
     p2:      w = 1 / (k + SNR)^gamma (Choi et al. 2022, "Perception Prioritized Training", Eq. 8).
     min_snr: w = min(SNR, gamma) / SNR (Hang et al. 2023, Eq. 11).
@@ -25,7 +26,7 @@ def timestep_weights(diffusion, weighting, p2_gamma=1.0, p2_k=1.0, min_snr_gamma
     if weighting == "none":
         return np.ones_like(snr)
     w_eps = 1.0 / (p2_k + snr) ** p2_gamma if weighting == "p2" else np.minimum(snr, min_snr_gamma) / snr
-    return w_eps / {"eps": 1.0, "x0": snr, "v": snr + 1.0}[diffusion.objective]
+    return w_eps * {"eps": 1.0, "x0": snr, "v": snr / (snr + 1.0)}[diffusion.objective]
 
 
 class DiffusionLoss(nn.Cell):

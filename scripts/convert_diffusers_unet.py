@@ -7,8 +7,8 @@ Usage:
     python scripts/convert_diffusers_unet.py --input diffusion_pytorch_model.bin --output ddpm_cifar10.ckpt
 
 `--input` is a `.safetensors` file (read with `safetensors.numpy`, no torch needed) or a torch `.bin`/`.pt`/`.pth`
-state dict (needs torch). `--config` is the model's diffusers `config.json` (e.g. from the `unet/` folder of
-google/ddpm-cifar10-32); without it the paper's CIFAR-10 configuration is used. Configurations that `DDPMUNet`
+state dict (needs torch). `--config` is the model's diffusers `config.json` (for google/ddpm-cifar10-32 the one
+next to the weights); without it the paper's CIFAR-10 configuration is used. Configurations that `DDPMUNet`
 cannot represent (other block types, flipped sinusoids, symmetric downsampling padding, multi-head attention, ...)
 are refused with a message. Load the result with:
 
@@ -136,7 +136,8 @@ def read_state_dict(path):
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise ConversionError(f"cannot read {path} as a torch state dict: {e}") from None
+        first_line = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ConversionError(f"cannot read {path} as a torch state dict: {first_line}") from None
     if not isinstance(state_dict, dict):
         raise ConversionError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
     # numpy has no bfloat16; the network is float32 anyway.
@@ -162,6 +163,9 @@ def main(argv=None):
             kwargs = ddpm_unet_kwargs(config)
         else:
             kwargs = {}
+        output_dir = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(output_dir):
+            raise ConversionError(f"output directory does not exist: {output_dir}")
         state_dict = read_state_dict(args.input)
 
         # Imported only now so that argument and file errors come back without MindSpore's start-up time.
@@ -174,10 +178,14 @@ def main(argv=None):
             load_diffusers_weights(net, state_dict)
         except ValueError as e:
             raise ConversionError(f"{args.input} does not fit DDPMUNet({kwargs or 'paper config'}): {e}") from None
-        ms.save_checkpoint(net, args.output)
+        try:
+            ms.save_checkpoint(net, args.output)
+        except OSError as e:
+            raise ConversionError(f"cannot write {args.output}: {e}") from None
     except (ConversionError, ValueError) as e:
         # ValueError: DDPMUNet rejecting the mapped configuration (e.g. indivisible sample_size).
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
 
     n_params = sum(p.size for p in net.get_parameters())

@@ -20,7 +20,7 @@ from ms_ddpm.models.ddpm_unet import DDPMUNet, convert_diffusers_state_dict, loa
 CONVERTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
                          "convert_diffusers_unet.py")
 
-# Parameter count of google/ddpm-cifar10-32 ("35.7M" in Ho et al. 2020, Table 1 / Appendix B).
+# Parameter count of google/ddpm-cifar10-32 ("35.7 million" in Ho et al. 2020, Appendix B).
 PAPER_PARAMETER_COUNT = 35_746_307
 
 PAPER_DIFFUSERS_CONFIG = dict(
@@ -137,13 +137,19 @@ def test_matches_diffusers(reference, converted_net, mode):
     assert_matches(out, reference["out"])
 
 
-def test_legacy_attention_names_convert_identically(reference):
-    current = reference["state_dict"]
-    legacy = {}
-    for name, value in current.items():
+def legacy_names(state_dict):
+    """The state dict under the attention names of diffusers < 0.15 (as in google/ddpm-cifar10-32's .bin)."""
+    renamed = {}
+    for name, value in state_dict.items():
         for new, old in LEGACY_ATTENTION_NAMES.items():
             name = name.replace(new, old)
-        legacy[name] = value
+        renamed[name] = value
+    return renamed
+
+
+def test_legacy_attention_names_convert_identically(reference):
+    current = reference["state_dict"]
+    legacy = legacy_names(current)
     # One attention block in the encoder, two in the decoder (num_res_blocks + 1), one in the middle.
     assert sum(name.endswith(".proj_attn.weight") for name in legacy) == 4
     converted_current = convert_diffusers_state_dict(current)
@@ -159,12 +165,20 @@ def test_legacy_attention_names_convert_identically(reference):
     assert_matches(out, reference["out"])
 
 
-def test_converter_script_end_to_end(reference, tmp_path):
+@pytest.mark.parametrize("weights_format", ["safetensors", "legacy-bin"])
+def test_converter_script_end_to_end(reference, tmp_path, weights_format):
+    import torch
+
     model_dir = tmp_path / "unet"
     reference["model"].save_pretrained(model_dir, safe_serialization=True)  # config.json + .safetensors
+    if weights_format == "safetensors":
+        weights = model_dir / "diffusion_pytorch_model.safetensors"
+    else:
+        weights = model_dir / "diffusion_pytorch_model.bin"
+        torch.save({k: torch.from_numpy(v) for k, v in legacy_names(reference["state_dict"]).items()}, weights)
     output = tmp_path / "tiny.ckpt"
-    result = run_converter("--input", str(model_dir / "diffusion_pytorch_model.safetensors"),
-                           "--config", str(model_dir / "config.json"), "--output", str(output), cwd=tmp_path)
+    result = run_converter("--input", str(weights), "--config", str(model_dir / "config.json"),
+                           "--output", str(output), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
 

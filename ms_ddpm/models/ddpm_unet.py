@@ -99,7 +99,7 @@ class Downsample2D(nn.Cell):
         super().__init__()
         # Padding (top, bottom, left, right) = (0, 1, 0, 1): TensorFlow's "SAME" padding for a stride-2 3x3 conv on
         # an even size, which the original DDPM code used and diffusers reproduces with downsample_padding=0.
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, pad_mode="pad", padding=(1, 0, 1, 0), has_bias=True)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, pad_mode="pad", padding=(0, 1, 0, 1), has_bias=True)
 
     def construct(self, x):
         return self.conv(x)
@@ -311,8 +311,8 @@ class DDPMUNet(nn.Cell):
         return self.conv_out(ops.silu(self.conv_norm_out(h)))
 
 
-# diffusers' AttentionBlock (before v0.15) named the projections like this; the published google/ddpm-cifar10-32
-# `diffusion_pytorch_model.bin` still uses them.
+# diffusers' former AttentionBlock named the projections like this, and the published google/ddpm-cifar10-32
+# `diffusion_pytorch_model.bin` still uses them (diffusers renames them on load).
 _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 # The torch.nn.GroupNorm modules of UNet2DModel; MindSpore calls their affine parameters gamma/beta.
 _GROUP_NORM_MODULES = ("norm1", "norm2", "group_norm", "conv_norm_out")
@@ -323,7 +323,8 @@ def convert_diffusers_state_dict(state_dict):
     """Rename a diffusers UNet2DModel state dict (name -> array) to DDPMUNet parameter names (name -> np.ndarray).
 
     Accepts both the current attention names (to_q/to_k/to_v/to_out.0) and the legacy ones
-    (query/key/value/proj_attn). Shapes are unchanged: torch and MindSpore share the (out, in[, kh, kw]) layout.
+    (query/key/value/proj_attn); names already in DDPMUNet form pass through unchanged. Shapes are unchanged: torch
+    and MindSpore share the (out, in[, kh, kw]) layout.
     """
     converted = {}
     for name, value in state_dict.items():
