@@ -41,7 +41,9 @@ class DiffusionLoss(nn.Cell):
     """
 
     def __init__(self, network, diffusion, loss_type="l2", weighting="none", p2_gamma=1.0, p2_k=1.0, min_snr_gamma=5.0):
-        super().__init__()
+        # auto_prefix=False keeps the network's parameter names its own (no "network." prefix), so checkpoints
+        # load into a bare network, as with MindSpore's WithLossCell
+        super().__init__(auto_prefix=False)
         self.network = network
         self.diffusion = diffusion
         self.loss_type = check_choice("loss_type", loss_type, LOSS_TYPES)

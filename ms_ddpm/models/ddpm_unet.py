@@ -18,8 +18,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ms_ddpm.models.embeddings import timestep_embedding
-from ms_ddpm.models.normalization import GroupNorm
+from .embeddings import timestep_embedding
+from .normalization import GroupNorm
 
 __all__ = ["DDPMUNet", "convert_diffusers_state_dict", "load_diffusers_weights"]
 

@@ -1,0 +1,119 @@
+"""Command line: `ms-ddpm train` and `ms-ddpm sample`.
+
+Errors a user can fix (bad config, missing data, damaged checkpoint, diverging loss) end with one line on stderr
+and exit status 2, not a traceback.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, ConfigError
+from .samplers import SAMPLERS
+from .train.checkpoint import CheckpointError
+
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
+
+
+def train_main(args):
+    from .train.trainer import Trainer, TrainingError
+
+    cfg = Config.load(args.config, args.set)
+    trainer = Trainer(cfg)
+    if args.resume:
+        path = trainer.resume()
+        print(f"resumed from {path} at step {trainer.step}" if path else "no checkpoint to resume from: starting")
+    try:
+        loss = trainer.train()
+    except TrainingError as err:
+        raise ConfigError(str(err)) from None
+    print(f"done: step {trainer.step}, loss {loss:.4f}, outputs in {cfg.train.output_dir}")
+
+
+def sample_main(args):
+    import mindspore as ms
+
+    from .train.checkpoint import load_checkpoint
+    from .train.trainer import build_diffusion, build_model, set_runtime
+    from .samplers import create_sampler
+    from .visualize import save_denoising_animation, save_image_grid
+
+    state = load_checkpoint(args.ckpt)
+    import yaml
+
+    cfg = Config.from_dict(yaml.safe_load(state["config"]))
+    cfg.train.mode = args.mode
+    cfg.train.device = args.device
+    set_runtime(cfg.train)
+    net = build_model(cfg)
+    prefix = "" if args.no_ema else "ema."
+    weights = {p.name: state[prefix + p.name] for p in net.trainable_params() if prefix + p.name in state}
+    if len(weights) != len(net.trainable_params()):
+        raise CheckpointError(f"{args.ckpt} has no {'EMA ' if prefix else ''}weights for every parameter"
+                              + ("; try --no-ema" if prefix else ""))
+    ms.load_param_into_net(net, {k: ms.Parameter(v.value(), name=k) for k, v in weights.items()}, strict_load=True)
+    net.set_train(False)
+    kwargs = {"eta": args.eta} if args.sampler == "ddim" else {}
+    sampler = create_sampler(args.sampler, build_diffusion(cfg), **kwargs)
+    sampler.set_timesteps(args.steps or cfg.diffusion.num_timesteps)
+    c = cfg.data
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples, frames = [], []
+    for i, start in enumerate(range(0, args.num, args.batch_size)):
+        shape = (min(args.batch_size, args.num - start), c.channels, c.image_size, c.image_size)
+        if args.gif and i == 0:
+            steps = [o.prev_sample.asnumpy() for o in sampler.sample_progressive(net, shape, seed=args.seed + i)]
+            frames, x = steps, steps[-1]
+        else:
+            x = sampler.sample(net, shape, seed=args.seed + i).asnumpy()
+        samples.append(x)
+    samples = np.concatenate(samples)
+    np.savez_compressed(out / "samples.npz", samples=samples)
+    save_image_grid(samples[:args.grid], out / "samples.png")
+    if args.gif:
+        save_denoising_animation(frames[:: max(1, len(frames) // 50)] + [frames[-1]], out / "denoising.gif")
+    print(f"wrote {len(samples)} samples to {out / 'samples.npz'} and a grid to {out / 'samples.png'}"
+          + (f" and {out / 'denoising.gif'}" if args.gif else ""))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="ms-ddpm", description="Train and sample DDPMs with MindSpore.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("--config", help="YAML config (configs/*.yaml); omitted: all defaults")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override config values, e.g. train.steps=200 data.root=/data/mnist")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p.set_defaults(func=train_main)
+    p = sub.add_parser("sample", help="draw samples from a checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `ms-ddpm train`")
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all training timesteps)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--num", type=int, default=64, help="number of samples")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--grid", type=int, default=64, help="samples shown in the PNG grid")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--gif", action="store_true", help="also write the denoising animation of the first batch")
+    p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
+    p.add_argument("--device", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    p.add_argument("--out", default="samples", help="output folder")
+    p.set_defaults(func=sample_main)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as err:
+        print(f"ms-ddpm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

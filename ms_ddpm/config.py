@@ -1,0 +1,138 @@
+"""Run configuration: four sections (model, diffusion, data, train) read from YAML, checked, overridable.
+
+Unknown keys are rejected with the list of valid ones, so a typo never silently falls back to a default.
+Overrides use dotted keys with YAML-typed values: `train.lr=1e-4`, `model.dim_mults=[1,2,4]`.
+The resolved config is written next to the checkpoints and stored inside each checkpoint, so sampling and resuming
+rebuild everything from the checkpoint alone.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet"  # "unet" (annotated-diffusion U-Net) or "ddpm_unet" (the DDPM paper's CIFAR-10 network)
+    kwargs: dict = field(default_factory=lambda: {"dim": 16, "dim_mults": [1, 2], "channels": 1})  # constructor args
+
+
+@dataclass
+class DiffusionConfig:
+    num_timesteps: int = 1000  # T, training chain length
+    beta_schedule: str = "linear"  # linear | cosine | quadratic | sigmoid
+    beta_start: float = 1.0e-4  # first beta (linear / quadratic / sigmoid); not rescaled with T
+    beta_end: float = 0.02  # last beta
+    objective: str = "eps"  # what the network predicts: eps | x0 | v
+    variance_type: str = "fixed_small"  # reverse variance for DDPM sampling: fixed_small | fixed_large
+    loss_type: str = "l2"  # l1 | l2 | huber (smooth L1, as the annotated tutorial)
+    loss_weighting: str = "none"  # none | p2 | min_snr
+    min_snr_gamma: float = 5.0  # gamma of min-SNR weighting (Hang et al. 2023)
+    p2_gamma: float = 1.0  # gamma of P2 weighting (Choi et al. 2022)
+    p2_k: float = 1.0  # k of P2 weighting
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"  # mnist | fashion_mnist | cifar10 | folder
+    root: str = "../shared/data/mnist5k"  # dataset folder (relative paths are taken from the working directory)
+    image_size: int = 28  # images are resized and centre-cropped to this size
+    channels: int = 1  # 1 (grayscale) or 3 (RGB)
+    random_flip: bool = False  # random horizontal flips (CIFAR-10 in the DDPM paper)
+    download: bool = False  # fetch the official archive when root is missing
+    num_parallel_workers: int = 1  # dataset worker threads
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"  # checkpoints, logs, config and sample grids go here
+    seed: int = 0  # seeds weights, data order, timesteps and noise
+    mode: str = "graph"  # graph (GRAPH_MODE, whole network compiled) | pynative
+    device: str = "CPU"  # CPU | GPU | Ascend
+    batch_size: int = 32  # per-device batch
+    steps: int = 1000  # optimizer steps in total
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 2.0e-4  # peak learning rate
+    min_lr: float = 0.0  # final learning rate of the cosine decay
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    lr_schedule: str = "cosine"  # cosine (decay to min_lr after warmup) | constant (lr after warmup)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # clip gradients to this global norm; 0 disables
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+    amp_level: str = "O0"  # O0 (float32) | O1 | O2 | O3 mixed precision
+    amp_dtype: str = "float16"  # float16 | bfloat16 (bfloat16 needs Ascend or GPU)
+    loss_scaler: str = "dynamic"  # dynamic | static | none
+    loss_scale: float = 65536.0  # initial (dynamic) or fixed (static) loss scale
+    loss_scale_window: int = 1000  # good steps before the dynamic scale doubles
+    ema_decay: float = 0.9999  # EMA decay; 0 disables EMA
+    ema_warmup: bool = True  # use min(decay, (1 + n) / (10 + n)) so early averages are not dominated by init
+    ema_every: int = 1  # update the EMA every this many steps
+    log_every: int = 10  # steps between log lines (JSON lines in train_log.jsonl)
+    sample_every: int = 500  # steps between sample grids of the EMA model; 0 disables
+    num_samples: int = 16  # images in each sample grid
+    sampler: str = "ddim"  # sampler of the periodic grids
+    sample_steps: int = 50  # its number of steps
+    save_every: int = 500  # steps between checkpoints
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    max_nonfinite_steps: int = 50  # abort when this many steps in a row have a non-finite loss or gradients
+
+
+SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says what to change."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, raw):
+        """Build a Config from nested dicts, rejecting unknown sections and keys."""
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a config must be a mapping of sections {list(SECTIONS)}, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}; valid sections: {list(SECTIONS)}")
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            values = raw.get(name) or {}
+            valid = [f.name for f in dataclasses.fields(section_cls)]
+            bad = sorted(set(values) - set(valid))
+            if bad:
+                raise ConfigError(f"unknown key(s) {bad} in section '{name}'; valid keys: {valid}")
+            sections[name] = section_cls(**values)
+        return cls(**sections)
+
+    @classmethod
+    def load(cls, path, overrides=()):
+        """Read a YAML file (None: all defaults) and apply `key.sub=value` overrides."""
+        raw = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            parts = key.split(".")
+            if not sep or len(parts) != 2:
+                raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-4")
+            if not isinstance(raw.get(parts[0], {}), dict):
+                raise ConfigError(f"section {parts[0]!r} of the config is not a mapping")
+            raw.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(value)
+        return cls.from_dict(raw)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_yaml(self):
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -1,0 +1,5 @@
+"""Input pipelines: MNIST, Fashion-MNIST, CIFAR-10 and folders of images as batched `mindspore.dataset`s in [-1, 1]."""
+from .datasets import DATASETS, IMAGE_EXTENSIONS, create_dataset
+from .fetch import download_dataset
+
+__all__ = ["DATASETS", "IMAGE_EXTENSIONS", "create_dataset", "download_dataset"]

@@ -1,0 +1,300 @@
+"""Image datasets as batched `mindspore.dataset` pipelines of float32 (B, C, H, W) images in [-1, 1].
+
+Every pipeline has one column, "image"; labels are dropped (unconditional generation). Per image:
+
+    read  ->  resize (shorter side to image_size)  ->  centre crop image_size x image_size
+          ->  random horizontal flip (optional)  ->  1 or 3 channels  ->  batch  ->  HWC -> CHW, x / 127.5 - 1
+
+Choices and why:
+    * [-1, 1] scaling: Ho et al. 2020 (DDPM), Sec. 3.3: "We assume that image data consists of integers in
+      {0, 1, ..., 255} scaled linearly to [-1, 1]", which is the range the reverse process starts from (x_T ~ N(0, I))
+      and that `GaussianDiffusion(clip_denoised=True)` clips to. The scaling is done on the uint8 batch in NumPy
+      (float32 x / 127.5 - 1), so 0 and 255 map to exactly -1 and 1; MindSpore's Rescale(1 / 127.5, -1) gives
+      1.0000001 for 255 because 1 / 127.5 is not exact in float32.
+    * Random horizontal flip is the only augmentation DDPM used (on CIFAR-10, Appendix B); it is off by default
+      because it is wrong for digits and text.
+    * Resizing: the fixed-size datasets (MNIST, Fashion-MNIST 28x28, CIFAR-10 32x32) are left untouched at their
+      native size, shrunk with OpenCV's INTER_AREA (pixel-area averaging, no aliasing) or enlarged bicubically.
+      Folders of images follow guided-diffusion's `center_crop_arr` (Dhariwal & Nichol 2021): halve with a box
+      filter while the shorter side is at least twice the target, then bicubic resize and a centre crop.
+    * RGB -> grayscale is ITU-R 601-2 luma, L = 0.299 R + 0.587 G + 0.114 B: PIL's convert("L") for folders,
+      OpenCV's RGB2GRAY for CIFAR-10 (its fixed-point rounding puts a few pixels one level away from PIL's).
+      Grayscale -> RGB copies the channel.
+
+Shuffling and sharding use one `DistributedSampler` (num_shards = 1 without data parallelism). Its permutation is
+seeded and drawn over the whole dataset before it is split, so every rank must use the same seed to get disjoint
+shards; the default, MindSpore's global dataset seed (5489 unless `ms.set_seed` / `ms.dataset.config.set_seed`
+changed it), is the same on every rank. The permutation changes every epoch of an iterator, deterministically for
+a given seed, so a run is reproducible epoch by epoch. When the dataset size is not divisible by num_shards, every
+shard gets ceil(N / num_shards) images, the short ones padded by repeating images, so all ranks run the same
+number of steps.
+
+Reading a pipeline:
+    for (x,) in dataset.create_tuple_iterator(num_epochs=1):          # x: ms.Tensor, float32, (B, C, H, W)
+        loss = train_step(x)
+    for row in dataset.create_dict_iterator(output_numpy=True, num_epochs=1):
+        row["image"]                                                   # np.ndarray, float32, (B, C, H, W)
+The pipeline runs on the host, so it feeds a network the same way in PyNative and graph mode; `Model.train` can
+take it directly (its only column becomes the network's only input).
+"""
+import os
+
+import mindspore.dataset as ds
+import numpy as np
+from mindspore.dataset import vision
+from PIL import Image
+
+from ..utils import check_choice
+from .fetch import download_dataset
+from .formats import CIFAR10_ARCHIVE_FOLDER, FILES, SPLITS, file_problems, native_image_size
+
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "folder")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 (binary version)"}
+# Channels as stored on disk; for "folder" the reader converts to the requested number itself.
+_STORED_CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3}
+_DEFAULT_CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3, "folder": 3}
+# DistributedSampler adds 1 to its seed each time a pipeline starts and hands it to C++ as a uint32.
+_MAX_SEED = 2**31
+
+
+def _check_int(name, value, low, high=None):
+    """`value` if it is an int (not a bool) in [low, high), else a ValueError saying what is allowed."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
+        high is not None and value >= high
+    ):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+    return int(value)
+
+
+def _check_shards(num_shards, shard_id):
+    """(num_shards, shard_id), (1, 0) when both are None; a ValueError when only one is given or out of range."""
+    if num_shards is None and shard_id is None:
+        return 1, 0
+    if num_shards is None or shard_id is None:
+        raise ValueError(
+            f"give both num_shards and shard_id (e.g. the device count and this device's rank) or neither, "
+            f"got num_shards={num_shards!r}, shard_id={shard_id!r}"
+        )
+    num_shards = _check_int("num_shards", num_shards, 1)
+    return num_shards, _check_int("shard_id", shard_id, 0, num_shards)
+
+
+def _missing_data_error(name, root, split, problems):
+    """The error to raise when the files of `split` are missing or malformed, naming the files and the fix."""
+    title = _TITLES[name]
+    needed = ", ".join(FILES[name][split])
+    if not os.path.isdir(root):
+        return FileNotFoundError(
+            f"{title} not found: folder {root!r} does not exist. Pass download=True to fetch it, or set root to the "
+            f"folder holding the unpacked {split} files ({needed})."
+        )
+    missing = [message for kind, message in problems if kind == "missing"]
+    if missing:
+        return FileNotFoundError(
+            f"{title} {split} split not found in {root!r}: missing {', '.join(missing)}. Expected the unpacked files "
+            f"{needed} in that folder; pass download=True to fetch them, or give the right path."
+        )
+    invalid = "; ".join(message for kind, message in problems if kind == "invalid")
+    return ValueError(
+        f"{title} files in {root!r} are not in the expected format: {invalid}. Delete them and pass download=True "
+        f"to fetch fresh copies, or give the right path."
+    )
+
+
+def _resolve_cifar10_root(root, split):
+    """`root`, or root/cifar-10-batches-bin when root is the folder the official archive was extracted in."""
+    nested = os.path.join(root, CIFAR10_ARCHIVE_FOLDER)
+    if os.path.isdir(nested) and file_problems("cifar10", root, (split,)):
+        if not file_problems("cifar10", nested, (split,)):
+            return nested
+    return root
+
+
+def list_images(root):
+    """Sorted paths of the files under `root` (recursively) whose extension is one of IMAGE_EXTENSIONS."""
+    paths = []
+    for folder, _, names in os.walk(root):
+        paths.extend(os.path.join(folder, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+    return sorted(paths)
+
+
+def load_image(path, image_size, channels):
+    """One image file as uint8 (image_size, image_size, channels): converted, resized and centre-cropped.
+
+    Follows guided-diffusion's `center_crop_arr`: box-filter halvings while the shorter side is >= 2 * image_size
+    (cheap and alias-free), then one bicubic resize of the shorter side to image_size, then a centre crop.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as err:  # PIL raises several types for unreadable files
+        raise ValueError(f"cannot read image {path!r}: {err}") from None
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+        # 16-bit grayscale (e.g. some PNGs): convert("L") would clip at 255 instead of rescaling.
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) / 257.0 + 0.5, 0, 255).astype(np.uint8))
+    img = img.convert("L" if channels == 1 else "RGB")
+    while min(img.size) >= 2 * image_size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = image_size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    arr = arr[top : top + image_size, left : left + image_size]
+    return np.ascontiguousarray(arr.reshape(image_size, image_size, channels))
+
+
+class ImageFiles:
+    """Random-access source for `GeneratorDataset`: item i is (load_image(paths[i]),), uint8 (H, W, C)."""
+
+    def __init__(self, paths, image_size, channels):
+        self.paths = list(paths)
+        self.image_size = image_size
+        self.channels = channels
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return (load_image(self.paths[int(index)], self.image_size, self.channels),)
+
+
+def to_model_input(images):
+    """uint8 (B, H, W, C) or (B, H, W) -> float32 (B, C, H, W) in [-1, 1], x / 127.5 - 1 (Ho et al. Sec. 3.3)."""
+    if images.ndim == 3:  # OpenCV's RGB2GRAY drops the channel axis
+        images = images[..., None]
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / np.float32(127.5) - np.float32(1)
+
+
+def create_dataset(
+    name,
+    root,
+    split="train",
+    image_size=28,
+    channels=None,
+    batch_size=16,
+    shuffle=True,
+    random_flip=False,
+    num_shards=None,
+    shard_id=None,
+    download=False,
+    seed=None,
+    num_parallel_workers=1,
+    drop_remainder=True,
+):
+    """A batched pipeline with one column "image": float32 (batch_size, channels, image_size, image_size) in [-1, 1].
+
+    Args:
+        name: one of DATASETS. "mnist" / "fashion_mnist": folder with the unpacked IDX files
+            (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte);
+            "cifar10": folder with the CIFAR-10 binary version's data_batch_1.bin .. data_batch_5.bin and
+            test_batch.bin (or the folder holding the archive's cifar-10-batches-bin/); "folder": any folder of
+            .png/.jpg/.jpeg/.bmp/.webp files, searched recursively, read in sorted path order (no class subfolders
+            needed; subfolders are just more images).
+        root: the folder described above (str or path-like).
+        split: "train" or "test" (t10k-* for the IDX datasets, test_batch.bin for CIFAR-10). Ignored for "folder",
+            which always reads the whole folder.
+        image_size: output height and width: the shorter side is resized to it, then centre-cropped.
+        channels: 1 or 3; None means 1 for mnist / fashion_mnist and 3 for cifar10 / folder. Other values convert
+            (grayscale repeated to RGB, or RGB to ITU-R 601-2 luma).
+        batch_size: images per batch.
+        shuffle: shuffle the images, with a new order every epoch.
+        random_flip: flip each image horizontally with probability 1/2. Its randomness comes from MindSpore's
+            global dataset seed (`ms.dataset.config.set_seed`), not from `seed`.
+        num_shards, shard_id: data parallelism: this pipeline reads shard `shard_id` of `num_shards` disjoint
+            shards (e.g. the device count and the rank). Give both or neither; 0 <= shard_id < num_shards.
+        download: fetch, verify and unpack the official files into root when they are missing or incomplete
+            (mnist, fashion_mnist, cifar10 only; see ms_ddpm.data.fetch).
+        seed: seed of the shuffle permutations (a new one each epoch); the same seed gives the same orders on every
+            run. None uses MindSpore's global dataset seed at call time. Must be the same on all shards.
+        num_parallel_workers: threads for reading and per-image transforms. Folder images are decoded with PIL in
+            threads, not processes: PIL releases the GIL while decoding and resizing, and threads avoid the
+            shared-memory limits that MindSpore's worker processes hit in containers.
+        drop_remainder: drop the last incomplete batch, so every batch has batch_size images (what a compiled
+            training step wants).
+
+    Returns:
+        A `mindspore.dataset` pipeline; `get_dataset_size()` is the number of batches per epoch on this shard, and
+        the extra attribute `num_images` the number of images this shard reads per epoch (before dropping the
+        remainder). Iterate it with `create_tuple_iterator()` (ms.Tensor batches) or
+        `create_dict_iterator(output_numpy=True)` (NumPy), see the module docstring.
+
+    Raises:
+        ValueError: unknown name, split or channels, bad sizes or shard ids, malformed dataset files, or a shard
+            with fewer than batch_size images while drop_remainder is set.
+        FileNotFoundError: root or the split's files are missing (and download is False), or a folder without
+            images.
+        RuntimeError: a download failed or did not match its checksum.
+    """
+    check_choice("dataset", name, DATASETS)
+    check_choice("split", split, SPLITS)
+    image_size = _check_int("image_size", image_size, 1)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    num_parallel_workers = _check_int("num_parallel_workers", num_parallel_workers, 1)
+    channels = _DEFAULT_CHANNELS[name] if channels is None else check_choice("channels", channels, (1, 3))
+    num_shards, shard_id = _check_shards(num_shards, shard_id)
+    root = os.fspath(root)
+
+    sampler = ds.DistributedSampler(num_shards, shard_id, shuffle=bool(shuffle))
+    if seed is not None:
+        # The sampler copies the global dataset seed when it is built and uses `self.seed` when the pipeline
+        # starts, so overriding the attribute seeds this pipeline alone (ms.dataset.config.set_seed would also
+        # reseed Python's and NumPy's global generators).
+        sampler.seed = _check_int("seed", seed, 0, _MAX_SEED)
+
+    if name == "folder":
+        if download:
+            raise ValueError("download=True needs one of 'mnist', 'fashion_mnist', 'cifar10', not 'folder'")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist; give the path to a folder of images")
+        paths = list_images(root)
+        if not paths:
+            raise FileNotFoundError(
+                f"no images found under {root!r} (searched recursively for {', '.join(IMAGE_EXTENSIONS)} files)"
+            )
+        dataset = ds.GeneratorDataset(
+            ImageFiles(paths, image_size, channels),
+            column_names=["image"],
+            sampler=sampler,
+            num_parallel_workers=num_parallel_workers,
+            python_multiprocessing=False,
+        )
+        ops = []
+    else:
+        if download:
+            download_dataset(name, root)
+        if name == "cifar10":
+            root = _resolve_cifar10_root(root, split)
+        problems = file_problems(name, root, (split,))
+        if problems:
+            raise _missing_data_error(name, root, split, problems)
+        reader = ds.Cifar10Dataset if name == "cifar10" else ds.MnistDataset
+        dataset = reader(root, usage=split, sampler=sampler, num_parallel_workers=num_parallel_workers)
+        dataset = dataset.project(["image"])
+        height, width = native_image_size(name, root, split)
+        ops = []
+        if (height, width) != (image_size, image_size):
+            shrink = image_size < min(height, width)
+            ops.append(vision.Resize(image_size, vision.Inter.AREA if shrink else vision.Inter.BICUBIC))
+            ops.append(vision.CenterCrop(image_size))
+        stored = _STORED_CHANNELS[name]
+        if stored != channels:
+            mode = vision.ConvertMode.COLOR_GRAY2RGB if channels == 3 else vision.ConvertMode.COLOR_RGB2GRAY
+            ops.append(vision.ConvertColor(mode))
+    if random_flip:
+        ops.append(vision.RandomHorizontalFlip(0.5))
+    if ops:
+        dataset = dataset.map(ops, input_columns="image", num_parallel_workers=num_parallel_workers)
+
+    num_images = dataset.get_dataset_size()
+    if drop_remainder and num_images < batch_size:
+        raise ValueError(
+            f"{name} {split} has {num_images} images per shard, fewer than batch_size={batch_size}: with "
+            f"drop_remainder=True every batch would be dropped. Lower batch_size or pass drop_remainder=False."
+        )
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    dataset = dataset.map(to_model_input, input_columns="image")
+    dataset.num_images = num_images
+    return dataset

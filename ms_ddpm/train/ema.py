@@ -1,0 +1,45 @@
+"""Exponential moving average of the weights, used for sampling (Ho et al. 2020, Appendix B: decay 0.9999)."""
+import mindspore as ms
+from mindspore import nn, ops
+
+
+class EMA(nn.Cell):
+    """theta_ema <- d theta_ema + (1 - d) theta after an update, with d = min(decay, (1 + n) / (10 + n)) when
+    `warmup` (n = number of EMA updates so far; the TensorFlow ExponentialMovingAverage `num_updates` rule), so the
+    average is not dominated by the random initialisation early in training.
+
+    The averaged weights are Parameters named "ema.<name>" (saved in the checkpoint beside the model's) and a
+    counter "ema.num_updates".
+    """
+
+    def __init__(self, network, decay=0.9999, warmup=True):
+        super().__init__()
+        if not 0 <= decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.weights = network.trainable_params()
+        self.ema_weights = ms.ParameterTuple(
+            [ms.Parameter(p.value().astype(ms.float32).copy(), name="ema." + p.name, requires_grad=False)
+             for p in self.weights]
+        )
+        self.num_updates = ms.Parameter(ms.Tensor(0, ms.int32), name="ema.num_updates", requires_grad=False)
+
+    def current_decay(self):
+        if not self.warmup:
+            return ms.Tensor(self.decay, ms.float32)
+        n = self.num_updates.astype(ms.float32)
+        return ops.minimum(ms.Tensor(self.decay, ms.float32), (1 + n) / (10 + n))
+
+    @ms.jit
+    def update(self):
+        d = self.current_decay()
+        for ema, w in zip(self.ema_weights, self.weights):
+            ops.assign(ema, d * ema + (1 - d) * w.astype(ms.float32))
+        ops.assign_add(self.num_updates, ms.Tensor(1, ms.int32))
+        return d
+
+    def copy_to(self, network):
+        """Load the averaged weights into `network` (a model of the same architecture)."""
+        for ema, p in zip(self.ema_weights, network.trainable_params()):
+            p.set_data(ema.value().astype(p.dtype))

@@ -1,0 +1,90 @@
+"""The training step: loss, gradients, loss scaling, overflow skip, clipping, optimizer update.
+
+This is MindSpore 2.x's documented mixed-precision pattern (value_and_grad + jit + loss scaler + all_finite): a step
+whose gradients are not all finite changes no weight, and the dynamic scaler lowers its scale; after
+`scale_window` good steps in a row it raises it again (Micikevicius et al. 2018, "Mixed Precision Training", Sec. 3.2).
+"""
+import mindspore as ms
+from mindspore import amp, nn, ops
+
+
+def global_norm(grads):
+    """sqrt(sum of squares) over all gradient tensors, in float32."""
+    return ops.sqrt(ops.addn([ops.reduce_sum(ops.square(g.astype(ms.float32))) for g in grads]))
+
+
+class TrainStep:
+    """Callable `(x_start, t, noise, update) -> (loss, finite, grad_norm)`.
+
+    With `grad_accumulation` > 1, gradients of successive calls are summed in buffers, and the call with
+    `update=True` applies their mean; `update` is a Python bool, so graph mode compiles one graph for each value.
+    `grad_reducer` averages gradients across data-parallel ranks (identity on one device).
+
+    Args:
+        loss_fn: Cell (x_start, t, noise) -> scalar loss (a `DiffusionLoss`).
+        optimizer: a MindSpore optimizer over the trainable parameters.
+        loss_scaler: `amp.DynamicLossScaler` or `amp.StaticLossScaler` (scale 1 for no scaling).
+        grad_clip: global-norm bound, 0 to disable.
+        jit: compile the step (graph mode); False runs it op by op (PyNative).
+    """
+
+    def __init__(self, loss_fn, optimizer, loss_scaler, grad_clip=1.0, grad_accumulation=1, grad_reducer=None,
+                 jit=True):
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.loss_scaler = loss_scaler
+        self.grad_clip = float(grad_clip)
+        self.grad_accumulation = int(grad_accumulation)
+        if self.grad_accumulation < 1:
+            raise ValueError(f"grad_accumulation must be >= 1, got {grad_accumulation}")
+        self.grad_reducer = grad_reducer or nn.Identity()
+        self.weights = optimizer.parameters
+        self.accumulated = None
+        if self.grad_accumulation > 1:
+            self.accumulated = ms.ParameterTuple(
+                [ms.Parameter(ops.zeros(p.shape, ms.float32), name="grad_acc." + p.name, requires_grad=False)
+                 for p in self.weights]
+            )
+        if isinstance(loss_scaler, amp.DynamicLossScaler):  # default names "scale_value", "counter" say too little
+            loss_scaler.scale_value.name = "loss_scaler.scale_value"
+            loss_scaler.counter.name = "loss_scaler.counter"
+        self.grad_fn = ms.value_and_grad(self._forward, None, self.weights, has_aux=True)
+        self._step = ms.jit(self._step_impl) if jit else self._step_impl
+
+    def _forward(self, x_start, t, noise):
+        loss = self.loss_fn(x_start, t, noise)
+        return self.loss_scaler.scale(loss), loss
+
+    def _step_impl(self, x_start, t, noise, update):
+        (_, loss), grads = self.grad_fn(x_start, t, noise)
+        grads = self.loss_scaler.unscale(self.grad_reducer(grads))
+        if self.grad_accumulation > 1:
+            for acc, g in zip(self.accumulated, grads):
+                ops.assign_add(acc, g.astype(ms.float32) / self.grad_accumulation)
+            if not update:
+                return loss, amp.all_finite(grads), ops.zeros((), ms.float32)
+            grads = tuple(acc.value() for acc in self.accumulated)
+            for acc in self.accumulated:
+                ops.assign(acc, ops.zeros_like(acc))
+        finite = amp.all_finite(grads)
+        norm = global_norm(grads)
+        if finite:
+            if self.grad_clip > 0:
+                # PyTorch's clip_grad_norm_ rule, reusing the norm computed for the log
+                coef = ops.minimum(self.grad_clip / (norm + 1e-6), 1.0)
+                grads = tuple(g * coef.astype(g.dtype) for g in grads)
+            self.optimizer(grads)
+        self.loss_scaler.adjust(finite)
+        return loss, finite, norm
+
+    def __call__(self, x_start, t, noise, update=True):
+        return self._step(x_start, t, noise, update)
+
+    def state_parameters(self):
+        """Parameters that must be checkpointed besides the model's: optimizer moments and step, scaler state.
+        The per-step learning-rate table is derived from the config and is left out."""
+        own = {w.name for w in self.weights} | {"learning_rate"}
+        params = [p for p in self.optimizer.get_parameters() if p.name not in own]
+        if isinstance(self.loss_scaler, amp.DynamicLossScaler):
+            params += [self.loss_scaler.scale_value, self.loss_scaler.counter]
+        return params

@@ -1,0 +1,240 @@
+"""The training loop: config -> data -> model -> diffusion loss -> compiled step -> EMA -> logs, grids, checkpoints.
+
+Reproducibility: weights come from `ms.set_seed(seed)`; timesteps and noise from one host NumPy generator whose
+state is checkpointed; the data order of epoch e from the dataset seed `seed + e`. A run resumed from a checkpoint
+therefore continues exactly as the uninterrupted run would (tested), except for dropout masks and random flips,
+whose MindSpore-side generator state is not exposed.
+"""
+import json
+import math
+import time
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import yaml
+from mindspore import amp, nn
+from tqdm.auto import tqdm
+
+from ..config import Config, ConfigError
+from ..data import create_dataset
+from ..diffusion import GaussianDiffusion
+from ..losses import DiffusionLoss
+from ..models import create_model
+from ..samplers import create_sampler
+from ..schedules import get_beta_schedule
+from ..utils import check_choice
+from ..visualize import save_image_grid
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .ema import EMA
+from .lr_schedule import warmup_cosine_lr
+from .step import TrainStep
+
+# train.* keys that may change between a run and its resumption; everything else must match.
+RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "save_every", "keep_checkpoints", "num_samples",
+                  "max_nonfinite_steps", "output_dir"}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a loss that stays non-finite); the message says what to change."""
+
+
+def set_runtime(train_cfg):
+    """Device and execution mode; bfloat16 is refused where MindSpore has no kernels for it."""
+    check_choice("train.device", train_cfg.device, ("CPU", "GPU", "Ascend"))
+    check_choice("train.mode", train_cfg.mode, ("graph", "pynative"))
+    check_choice("train.amp_level", train_cfg.amp_level, ("O0", "O1", "O2", "O3"))
+    check_choice("train.amp_dtype", train_cfg.amp_dtype, ("float16", "bfloat16"))
+    if train_cfg.device == "CPU" and train_cfg.amp_level != "O0" and train_cfg.amp_dtype == "bfloat16":
+        raise ConfigError(
+            "bfloat16 mixed precision is for Ascend and GPU: MindSpore's CPU backend has no bfloat16 Conv2D or "
+            "MatMul kernel. On CPU use train.amp_dtype=float16 or train.amp_level=O0."
+        )
+    ms.set_device(train_cfg.device)
+    ms.set_context(mode=ms.GRAPH_MODE if train_cfg.mode == "graph" else ms.PYNATIVE_MODE)
+
+
+def build_diffusion(cfg):
+    d = cfg.diffusion
+    betas = get_beta_schedule(d.beta_schedule, d.num_timesteps, d.beta_start, d.beta_end)
+    return GaussianDiffusion(betas, objective=d.objective, variance_type=d.variance_type)
+
+
+def build_model(cfg):
+    """The network of `cfg.model`, in float32 (mixed precision is applied by the trainer)."""
+    return create_model(cfg.model.name, **cfg.model.kwargs)
+
+
+def build_loss_scaler(t):
+    check_choice("train.loss_scaler", t.loss_scaler, ("dynamic", "static", "none"))
+    if t.loss_scaler == "dynamic":
+        return amp.DynamicLossScaler(t.loss_scale, 2, t.loss_scale_window)
+    return amp.StaticLossScaler(t.loss_scale if t.loss_scaler == "static" else 1.0)
+
+
+def build_optimizer(t, params, lr_values):
+    check_choice("train.optimizer", t.optimizer, ("adam", "adamw"))
+    lr = ms.Tensor(lr_values)
+    if t.optimizer == "adam":
+        return nn.Adam(params, learning_rate=lr)
+    return nn.AdamWeightDecay(params, learning_rate=lr, weight_decay=t.weight_decay, eps=1e-8)
+
+
+def check_resumable(saved_yaml, cfg):
+    """Refuse to resume a run whose config differs from the checkpoint's in anything but RESUMABLE_KEYS."""
+    saved = Config.from_dict(yaml.safe_load(saved_yaml)).to_dict()
+    current = cfg.to_dict()
+    diffs = [f"{s}.{k}: checkpoint {saved[s][k]!r} vs now {current[s][k]!r}"
+             for s in current for k in current[s]
+             if current[s][k] != saved[s][k] and not (s == "train" and k in RESUMABLE_KEYS)]
+    if diffs:
+        raise ConfigError("cannot resume: the config differs from the checkpoint's in " + "; ".join(diffs)
+                          + ". Use the checkpoint's config (config.yaml in the run folder) or a new output_dir.")
+
+
+class Trainer:
+    """Builds a run from a Config and trains it; `train()` returns the final loss.
+
+    Distributed data parallelism: pass `rank` and `group_size` (the trainer then shards the data and averages
+    gradients across ranks); only rank 0 writes files.
+    """
+
+    def __init__(self, cfg, rank=0, group_size=1):
+        self.cfg = cfg
+        self.rank, self.group_size = rank, group_size
+        t = cfg.train
+        set_runtime(t)
+        if t.steps < 1 or t.batch_size < 1 or t.grad_accumulation < 1:
+            raise ConfigError("train.steps, train.batch_size and train.grad_accumulation must be >= 1")
+        self.output_dir = Path(t.output_dir)
+        ms.set_seed(t.seed)
+        self.rng = np.random.default_rng([t.seed, rank])
+        self.diffusion = build_diffusion(cfg)
+        self.model = build_model(cfg)
+        if t.amp_level != "O0":
+            amp.auto_mixed_precision(self.model, t.amp_level, getattr(ms, t.amp_dtype))
+        d = cfg.diffusion
+        self.loss_fn = DiffusionLoss(self.model, self.diffusion, d.loss_type, d.loss_weighting, d.p2_gamma, d.p2_k,
+                                     d.min_snr_gamma)
+        self.lr_values = warmup_cosine_lr(t.lr, t.steps, t.warmup_steps, t.min_lr, t.lr_schedule)
+        self.optimizer = build_optimizer(t, self.model.trainable_params(), self.lr_values)
+        reducer = None
+        if group_size > 1:
+            reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=group_size)
+        self.step_fn = TrainStep(self.loss_fn, self.optimizer, build_loss_scaler(t), t.grad_clip,
+                                 t.grad_accumulation, reducer, jit=t.mode == "graph")
+        self.ema = EMA(self.model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
+        self.step = 0
+        self.log_path = self.output_dir / "train_log.jsonl"
+
+    # --- state -------------------------------------------------------------------------------------------------
+    def state_parameters(self):
+        params = list(self.model.get_parameters()) + self.step_fn.state_parameters()
+        if self.ema is not None:
+            params += list(self.ema.ema_weights) + [self.ema.num_updates]
+        return params
+
+    def save(self):
+        return save_checkpoint(self.output_dir, self.step, self.state_parameters(), self.cfg.to_yaml(),
+                               self.rng.bit_generator.state, self.cfg.train.keep_checkpoints)
+
+    def resume(self):
+        """Restore the newest checkpoint in output_dir, if any; returns its path or None."""
+        checkpoints = list_checkpoints(self.output_dir)
+        if not checkpoints:
+            return None
+        state = load_checkpoint(checkpoints[-1])
+        check_resumable(state["config"], self.cfg)
+        missing = [p.name for p in self.state_parameters() if p.name not in state]
+        if missing:
+            raise ConfigError(f"checkpoint {checkpoints[-1]} lacks {missing[:5]}...: it is from a different setup")
+        for p in self.state_parameters():
+            p.set_data(state[p.name].value().astype(p.dtype))
+        self.rng.bit_generator.state = state["rng_state"]
+        self.step = state["step"]
+        return checkpoints[-1]
+
+    # --- loop ----------------------------------------------------------------------------------------------------
+    def batches(self):
+        """Endless (epoch, batch) stream starting at self.step; epoch e is shuffled with seed + e."""
+        c, t = self.cfg.data, self.cfg.train
+        shards = dict(num_shards=self.group_size, shard_id=self.rank) if self.group_size > 1 else {}
+        micro_steps = self.step * t.grad_accumulation
+        epoch, skip = None, 0
+        while True:
+            ds = create_dataset(c.name, c.root, "train", c.image_size, c.channels, t.batch_size, shuffle=True,
+                                random_flip=c.random_flip, download=c.download and self.rank == 0,
+                                seed=t.seed + (epoch or 0), num_parallel_workers=c.num_parallel_workers, **shards)
+            if epoch is None:  # first pass: find the epoch and batch where self.step left off
+                per_epoch = ds.get_dataset_size()
+                epoch, skip = divmod(micro_steps, per_epoch)
+                continue
+            if skip:
+                ds = ds.skip(skip)
+                skip = 0
+            for (images,) in ds.create_tuple_iterator(output_numpy=True, num_epochs=1):
+                yield images
+            epoch += 1
+
+    def log(self, record):
+        if self.rank == 0:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def sample_grid(self, path):
+        """A grid of samples from the EMA weights (or the raw weights without EMA)."""
+        t, c = self.cfg.train, self.cfg.data
+        net = build_model(self.cfg)
+        (self.ema.copy_to(net) if self.ema is not None else
+         ms.load_param_into_net(net, {p.name: p for p in self.model.trainable_params()}))
+        net.set_train(False)
+        sampler = create_sampler(t.sampler, self.diffusion)
+        sampler.set_timesteps(t.sample_steps)
+        x = sampler.sample(net, (t.num_samples, c.channels, c.image_size, c.image_size), seed=t.seed, progress=False)
+        save_image_grid(x.asnumpy(), path)
+
+    def train(self):
+        t = self.cfg.train
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")
+        global_batch = t.batch_size * t.grad_accumulation * self.group_size
+        self.log({"event": "start", "step": self.step, "global_batch_size": global_batch, "lr": t.lr,
+                  "devices": self.group_size})
+        self.model.set_train(True)
+        T = self.diffusion.num_timesteps
+        nonfinite, loss, last_time, last_step = 0, float("nan"), time.perf_counter(), self.step
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
+        data = self.batches()
+        while self.step < t.steps:
+            for micro in range(t.grad_accumulation):
+                images = next(data)
+                b = images.shape[0]
+                ts = ms.Tensor(self.rng.integers(0, T, b).astype(np.int32))
+                noise = ms.Tensor(self.rng.standard_normal(images.shape, dtype=np.float32))
+                loss_t, finite, norm = self.step_fn(ms.Tensor(images), ts, noise, micro == t.grad_accumulation - 1)
+            loss, finite = float(loss_t.asnumpy()), bool(finite.asnumpy())
+            nonfinite = 0 if finite and math.isfinite(loss) else nonfinite + 1
+            if nonfinite >= t.max_nonfinite_steps:
+                raise TrainingError(
+                    f"loss or gradients were non-finite for {nonfinite} steps in a row (step {self.step}, loss {loss}); "
+                    "lower train.lr, set train.amp_level=O0, or check the data")
+            self.step += 1
+            if self.ema is not None and finite and self.step % t.ema_every == 0:
+                self.ema.update()
+            bar.update(1)
+            scale = float(self.step_fn.loss_scaler.scale_value.asnumpy())
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                now = time.perf_counter()
+                img_s = (self.step - last_step) * global_batch / (now - last_time)
+                last_time, last_step = now, self.step
+                lr = float(self.lr_values[self.step - 1])
+                self.log({"step": self.step, "loss": loss, "lr": lr, "loss_scale": scale,
+                          "grad_norm": float(norm.asnumpy()), "img_per_s": img_s})
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.1f}", scale=f"{scale:g}")
+            if self.rank == 0 and t.save_every and (self.step % t.save_every == 0 or self.step == t.steps):
+                self.save()
+            if self.rank == 0 and t.sample_every and (self.step % t.sample_every == 0 or self.step == t.steps):
+                self.sample_grid(self.output_dir / f"samples_{self.step:08d}.png")
+        bar.close()
+        return loss

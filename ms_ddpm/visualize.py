@@ -1,0 +1,47 @@
+"""Pictures of samples: a grid PNG and the denoising animation GIF of the annotated-diffusion tutorial."""
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: training runs have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib import animation  # noqa: E402
+
+
+def to_uint8(images):
+    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8."""
+    images = np.asarray(images, dtype=np.float32)
+    return np.clip((images + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def make_grid(images, nrow=None, padding=2):
+    """Tile (N, C, H, W) images in [-1, 1] into one (rows*(H+p)+p, nrow*(W+p)+p, C) uint8 image."""
+    images = to_uint8(images)
+    n, h, w, c = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top:top + h, left:left + w] = img
+    return grid
+
+
+def save_image_grid(images, path, nrow=None):
+    """Write (N, C, H, W) images in [-1, 1] as one PNG grid."""
+    grid = make_grid(images, nrow)
+    plt.imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+
+
+def save_denoising_animation(frames, path, nrow=None, fps=20):
+    """Write a GIF of the reverse chain: `frames` is a list of (N, C, H, W) arrays in [-1, 1], noise first."""
+    grids = [make_grid(f, nrow) for f in frames]
+    fig = plt.figure(figsize=(4, 4 * grids[0].shape[0] / grids[0].shape[1]))
+    plt.axis("off")
+    show = [[plt.imshow(g[..., 0] if g.shape[-1] == 1 else g, cmap="gray", vmin=0, vmax=255, animated=True)]
+            for g in grids]
+    anim = animation.ArtistAnimation(fig, show, interval=1000 // fps, blit=True, repeat_delay=2000)
+    anim.save(path, writer=animation.PillowWriter(fps=fps))
+    plt.close(fig)

@@ -1,0 +1,470 @@
+import collections
+import gzip
+import hashlib
+import http.server
+import io
+import os
+import struct
+import tarfile
+import threading
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
+from PIL import Image
+
+from ms_ddpm.data import DATASETS, create_dataset, fetch
+
+# Real MNIST subset (4,000 train + 1,000 test, IDX) kept beside the repository; never copied into it.
+MNIST5K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist5k"
+needs_mnist5k = pytest.mark.skipif(not MNIST5K.is_dir(), reason=f"real MNIST subset not found at {MNIST5K}")
+
+CIFAR_RECORD = 1 + 3 * 32 * 32
+CIFAR_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def scaled(raw_uint8):
+    """The documented mapping x / 127.5 - 1, in float32."""
+    return raw_uint8.astype(np.float32) / np.float32(127.5) - np.float32(1)
+
+
+def epoch(dataset):
+    """All images of one epoch as one float32 (N, C, H, W) array."""
+    return np.concatenate([row["image"] for row in dataset.create_dict_iterator(output_numpy=True, num_epochs=1)])
+
+
+def read_idx_images(path):
+    data = np.fromfile(path, dtype=np.uint8)
+    n, rows, cols = struct.unpack(">III", data[4:16].tobytes())
+    return data[16:].reshape(n, rows, cols)
+
+
+def hashes(images):
+    return [hashlib.md5(np.ascontiguousarray(im).tobytes()).hexdigest() for im in images]
+
+
+def idx_bytes(images=None, labels=None):
+    """An IDX file in the MNIST layout: magic 2051 + (N, rows, cols), or magic 2049 + (N,), big-endian."""
+    if images is not None:
+        return struct.pack(">IIII", 2051, *images.shape) + images.astype(np.uint8).tobytes()
+    return struct.pack(">II", 2049, len(labels)) + labels.astype(np.uint8).tobytes()
+
+
+def write_idx(folder, prefix, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(images=images))
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(labels=np.arange(len(images)) % 10))
+
+
+def cifar_records(rng, n):
+    """n CIFAR-10 binary records: label byte, then 1,024 R, 1,024 G, 1,024 B bytes; and their (n, 32, 32, 3) pixels."""
+    labels = rng.integers(0, 10, (n, 1), dtype=np.uint8)
+    planes = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    records = np.concatenate([labels, planes.reshape(n, -1)], axis=1)
+    return records.tobytes(), planes.transpose(0, 2, 3, 1)
+
+
+def write_cifar_file(path, records):
+    """A full-size file: MindSpore's Cifar10Dataset reads exactly 10,000 records per file. The file is made sparse
+    (truncate), so only the test's records take disk space; the other records are zeros."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(10000 * CIFAR_RECORD)
+        f.write(records)
+
+
+# ---------------------------------------------------------------------------------------------------- real MNIST
+
+
+@needs_mnist5k
+def test_mnist5k_batches_are_float32_nchw_in_minus_one_one():
+    dataset = create_dataset("mnist", MNIST5K, batch_size=64, shuffle=False)
+    assert dataset.get_dataset_size() == 4000 // 64
+    assert dataset.num_images == 4000
+    images = epoch(dataset)
+    assert images.dtype == np.float32 and images.shape == (4000 // 64 * 64, 1, 28, 28)
+    assert images.min() == -1.0 and images.max() == 1.0
+    # shuffle=False keeps file order, so the batches are exactly the IDX pixels mapped by x / 127.5 - 1
+    raw = read_idx_images(MNIST5K / "train-images-idx3-ubyte")
+    np.testing.assert_array_equal(images[:, 0], scaled(raw[: len(images)]))
+
+    test = create_dataset("mnist", MNIST5K, split="test", batch_size=100, shuffle=False)
+    assert test.num_images == 1000 and test.get_dataset_size() == 10
+    keep_all = create_dataset("mnist", MNIST5K, batch_size=64, drop_remainder=False)
+    assert keep_all.get_dataset_size() == 63 and len(epoch(keep_all)) == 4000
+
+
+@needs_mnist5k
+@pytest.mark.parametrize("size", [16, 32])
+def test_mnist5k_resizes(size):
+    raw = read_idx_images(MNIST5K / "train-images-idx3-ubyte")
+    images = epoch(create_dataset("mnist", MNIST5K, image_size=size, batch_size=50, shuffle=False))
+    assert images.shape == (4000, 1, size, size) and images.dtype == np.float32
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    # resizing keeps each digit's mean brightness (area averaging down, bicubic up)
+    np.testing.assert_allclose(images.mean(axis=(1, 2, 3)), scaled(raw).mean(axis=(1, 2)), atol=0.03)
+    rgb = epoch(create_dataset("mnist", MNIST5K, image_size=size, channels=3, batch_size=50, shuffle=False))
+    assert rgb.shape == (4000, 3, size, size)
+    np.testing.assert_array_equal(rgb, np.repeat(images, 3, axis=1))
+
+
+@needs_mnist5k
+def test_mnist5k_shards_are_disjoint_and_cover_the_set():
+    everything = hashes(epoch(create_dataset("mnist", MNIST5K, batch_size=40, shuffle=False)))
+    assert len(set(everything)) == 4000  # no duplicate digits, so disjointness is meaningful
+    shards = []
+    for shard_id in range(2):
+        dataset = create_dataset("mnist", MNIST5K, batch_size=40, num_shards=2, shard_id=shard_id, seed=11)
+        assert dataset.num_images == 2000 and dataset.get_dataset_size() == 50
+        shards.append(hashes(epoch(dataset)))
+    assert len(shards[0]) == len(shards[1]) == 2000
+    assert not set(shards[0]) & set(shards[1])
+    assert collections.Counter(shards[0] + shards[1]) == collections.Counter(everything)
+
+
+@needs_mnist5k
+def test_mnist5k_seed_fixes_the_shuffle_order():
+    def orders(seed, epochs=2):
+        dataset = create_dataset("mnist", MNIST5K, batch_size=100, seed=seed)
+        iterator = dataset.create_dict_iterator(output_numpy=True, num_epochs=epochs)
+        return [hashes(np.concatenate([row["image"] for row in iterator])) for _ in range(epochs)]
+
+    first, again, other = orders(5), orders(5), orders(6)
+    assert first == again  # both epochs reproduce
+    assert first[0] != other[0]
+    assert first[0] != first[1]  # a new permutation every epoch
+    assert sorted(first[0]) == sorted(other[0]) == sorted(first[1])
+    unshuffled = hashes(epoch(create_dataset("mnist", MNIST5K, batch_size=100, shuffle=False)))
+    assert first[0] != unshuffled
+
+
+@needs_mnist5k
+def test_mnist5k_random_flip_flips_some_images_and_keeps_their_pixels():
+    plain = epoch(create_dataset("mnist", MNIST5K, batch_size=100, shuffle=False))
+    flipped = epoch(create_dataset("mnist", MNIST5K, batch_size=100, shuffle=False, random_flip=True))
+    same = (flipped == plain).all(axis=(1, 2, 3))
+    mirrored = (flipped == plain[..., ::-1]).all(axis=(1, 2, 3))
+    assert (same | mirrored).all()  # nothing but horizontal mirroring happens
+    assert not (same & mirrored).any()  # no digit in the set is symmetric, so each one is classified once
+    assert 0.4 < mirrored.mean() < 0.6  # probability 1/2 over 4,000 draws
+    np.testing.assert_array_equal(np.sort(flipped.reshape(4000, -1), axis=1), np.sort(plain.reshape(4000, -1), axis=1))
+
+
+@needs_mnist5k
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+def test_batches_feed_a_network(mode):
+    ms.set_context(mode=mode)
+    net = nn.Conv2d(1, 4, 3, pad_mode="same")
+    dataset = create_dataset("mnist", MNIST5K, batch_size=8)
+    (x,) = next(dataset.create_tuple_iterator(num_epochs=1))
+    assert isinstance(x, ms.Tensor) and x.dtype == ms.float32
+    assert net(x).shape == (8, 4, 28, 28)
+
+
+# ------------------------------------------------------------------------------------------- synthetic files
+
+
+def test_fashion_mnist_idx_round_trips_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    train[0, 0, 0], train[1, 0, 0] = 0, 255
+    test = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path, "train", train)
+    write_idx(tmp_path, "t10k", test)
+
+    images = epoch(create_dataset("fashion_mnist", tmp_path, batch_size=12, shuffle=False))
+    np.testing.assert_array_equal(images[:, 0], scaled(train))
+    np.testing.assert_allclose(images[:, 0], train / 127.5 - 1, atol=1e-7)  # float64 reference
+    assert images[0, 0, 0, 0] == -1.0 and images[1, 0, 0, 0] == 1.0
+    test_images = epoch(create_dataset("fashion_mnist", tmp_path, split="test", batch_size=3, shuffle=False))
+    np.testing.assert_array_equal(test_images[:, 0], scaled(test))
+    rgb = epoch(create_dataset("fashion_mnist", tmp_path, split="test", batch_size=6, shuffle=False, channels=3))
+    np.testing.assert_array_equal(rgb, np.repeat(scaled(test)[:, None], 3, axis=1))
+
+
+def test_cifar10_binary_round_trips_exactly(tmp_path):
+    rng = np.random.default_rng(1)
+    records, pixels = cifar_records(rng, 8)
+    # the layout `tar xzf cifar-10-binary.tar.gz` leaves: root/cifar-10-batches-bin/*.bin
+    write_cifar_file(tmp_path / "cifar-10-batches-bin" / "test_batch.bin", records)
+
+    dataset = create_dataset("cifar10", tmp_path, split="test", image_size=32, batch_size=8, shuffle=False)
+    assert dataset.num_images == 10000
+    (first,) = next(dataset.create_tuple_iterator(output_numpy=True, num_epochs=1))
+    assert first.shape == (8, 3, 32, 32) and first.dtype == np.float32
+    np.testing.assert_array_equal(first, scaled(pixels.transpose(0, 3, 1, 2)))
+
+    gray = create_dataset("cifar10", tmp_path, split="test", image_size=32, channels=1, batch_size=8, shuffle=False)
+    (first,) = next(gray.create_tuple_iterator(output_numpy=True, num_epochs=1))
+    # ITU-R 601-2 luma; OpenCV's fixed-point arithmetic rounds a few values one level off the exact formula
+    luma = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    np.testing.assert_allclose(first[:, 0], luma / 127.5 - 1, atol=1 / 127.5 + 1e-6)
+    assert np.mean(first[:, 0] == scaled(np.round(luma).astype(np.uint8))) > 0.99
+
+    small = create_dataset("cifar10", tmp_path, split="test", image_size=16, batch_size=8, shuffle=False)
+    (first,) = next(small.create_tuple_iterator(output_numpy=True, num_epochs=1))
+    # INTER_AREA halving is the mean of each 2x2 block
+    blocks = pixels.astype(np.float64).reshape(8, 16, 2, 16, 2, 3).mean(axis=(2, 4)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(first, blocks / 127.5 - 1, atol=1 / 127.5 + 1e-6)
+
+
+def test_cifar10_wrong_size_file_is_reported(tmp_path):
+    write_cifar_file(tmp_path / "test_batch.bin", b"")
+    with open(tmp_path / "test_batch.bin", "r+b") as f:
+        f.truncate(5 * CIFAR_RECORD)
+    with pytest.raises(ValueError, match=r"test_batch\.bin: 15365 bytes, expected 30730000.*download=True"):
+        create_dataset("cifar10", tmp_path, split="test")
+    with pytest.raises(FileNotFoundError, match=r"missing data_batch_1\.bin, .*data_batch_5\.bin.*download=True"):
+        create_dataset("cifar10", tmp_path, split="train")
+
+
+def make_png_folder(root):
+    """Images of several sizes and modes; returns the expected (3, 16, 16) image of each in sorted path order."""
+    (root / "sub").mkdir(parents=True)
+    (root / "notes.txt").write_text("not an image")
+    red = np.zeros((30, 40, 3), np.uint8)
+    red[..., 0] = 255
+    Image.fromarray(red).save(root / "a_red.png")  # 40x30 RGB, resized and cropped
+    stripes = np.zeros((16, 48, 3), np.uint8)
+    stripes[:, :16, 0], stripes[:, 16:32, 1], stripes[:, 32:, 2] = 255, 255, 255
+    Image.fromarray(stripes).save(root / "b_stripes.PNG")  # shorter side already 16: only the centre (green) is kept
+    Image.fromarray(np.full((50, 20), 51, np.uint8), mode="L").save(root / "sub" / "c_gray.png")
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., 2], rgba[..., 3] = 255, 128
+    Image.fromarray(rgba, mode="RGBA").save(root / "sub" / "d_blue_rgba.png")  # 64 >= 2 * 16: box halvings first
+    Image.fromarray(np.full((33, 33, 3), 200, np.uint8)).save(root / "e_light.bmp")
+    # sorted paths: a_red.png, b_stripes.PNG, e_light.bmp, sub/c_gray.png, sub/d_blue_rgba.png
+    colours = [(255, 0, 0), (0, 255, 0), (200, 200, 200), (51, 51, 51), (0, 0, 255)]
+    return np.stack([np.broadcast_to(np.array(c, np.uint8)[:, None, None], (3, 16, 16)) for c in colours])
+
+
+def test_folder_of_images_is_resized_cropped_and_converted(tmp_path):
+    expected = make_png_folder(tmp_path)
+    dataset = create_dataset("folder", tmp_path, image_size=16, batch_size=5, shuffle=False)
+    assert dataset.num_images == 5
+    images = epoch(dataset)
+    assert images.shape == (5, 3, 16, 16) and images.dtype == np.float32
+    np.testing.assert_array_equal(images, scaled(expected))  # constant colours survive resizing exactly
+
+    gray = epoch(create_dataset("folder", tmp_path, image_size=8, channels=1, batch_size=5, shuffle=False))
+    assert gray.shape == (5, 1, 8, 8)
+    luma = [76, 150, 200, 51, 29]  # PIL convert("L") of the colours above (alpha ignored)
+    np.testing.assert_array_equal(gray[:, 0, 0, 0], scaled(np.array(luma, np.uint8)))
+
+    parallel = create_dataset(
+        "folder", tmp_path, image_size=16, batch_size=2, shuffle=False, num_parallel_workers=2, drop_remainder=False
+    )
+    batches = [row["image"] for row in parallel.create_dict_iterator(output_numpy=True, num_epochs=1)]
+    assert [len(b) for b in batches] == [2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate(batches), images)
+
+    # 5 images on 2 shards: 3 each, the short shard padded with a repeat, together covering every image
+    shards = [
+        epoch(create_dataset("folder", tmp_path, image_size=16, batch_size=3, num_shards=2, shard_id=i, seed=9))
+        for i in range(2)
+    ]
+    assert [len(s) for s in shards] == [3, 3]
+    assert set(hashes(np.concatenate(shards))) == set(hashes(images))
+
+
+# ------------------------------------------------------------------------------------------------------ download
+
+
+class _Server:
+    """http.server on 127.0.0.1 (port 0) serving a folder in a thread, counting the requests it answers."""
+
+    def __init__(self, folder):
+        server = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def do_GET(self):
+                server.requests += 1
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.requests = 0
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    (tmp_path / "www").mkdir()
+    srv = _Server(tmp_path / "www")
+    yield srv
+    srv.close()
+
+
+def publish_mnist(www, monkeypatch, rng):
+    """gzip IDX archives under www/mnist/, registered as the 'mnist' mirror; returns the train images."""
+    (www / "mnist").mkdir()
+    train = rng.integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    files = {
+        "train-images-idx3-ubyte.gz": idx_bytes(images=train),
+        "train-labels-idx1-ubyte.gz": idx_bytes(labels=np.arange(10) % 10),
+        "t10k-images-idx3-ubyte.gz": idx_bytes(images=train[:4]),
+        "t10k-labels-idx1-ubyte.gz": idx_bytes(labels=np.arange(4)),
+    }
+    md5s = {}
+    for name, data in files.items():
+        packed = gzip.compress(data)
+        (www / "mnist" / name).write_bytes(packed)
+        md5s[name] = hashlib.md5(packed).hexdigest()
+    monkeypatch.setitem(fetch.ARCHIVES, "mnist", md5s)
+    return train
+
+
+def test_download_mnist_from_a_local_mirror(tmp_path, server, monkeypatch):
+    train = publish_mnist(tmp_path / "www", monkeypatch, np.random.default_rng(2))
+    monkeypatch.setitem(fetch.MIRRORS, "mnist", server.url + "mnist")  # no trailing slash on purpose
+    root = tmp_path / "data" / "mnist"
+    images = epoch(create_dataset("mnist", root, batch_size=10, shuffle=False, download=True))
+    np.testing.assert_array_equal(images[:, 0], scaled(train))
+    assert sorted(os.listdir(root)) == sorted(IDX_FILES)  # unpacked, no archives or staging folder left
+    fetched = server.requests
+    assert fetched >= 4
+    create_dataset("mnist", root, batch_size=10, download=True)  # complete: nothing is fetched again
+    assert server.requests == fetched
+
+    # a damaged file makes the folder incomplete: download=True replaces it, download=False explains
+    (root / "t10k-images-idx3-ubyte").write_bytes(b"\x1f\x8b\x08 still gzipped")
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte: .*magic number .*download=True"):
+        create_dataset("mnist", root, split="test", batch_size=2)
+    test = epoch(create_dataset("mnist", root, split="test", batch_size=4, shuffle=False, download=True))
+    np.testing.assert_array_equal(test[:, 0], scaled(train[:4]))
+    assert server.requests > fetched
+
+
+def test_download_checksum_mismatch_leaves_nothing_behind(tmp_path, server, monkeypatch):
+    publish_mnist(tmp_path / "www", monkeypatch, np.random.default_rng(3))
+    monkeypatch.setitem(fetch.MIRRORS, "mnist", server.url + "mnist/")
+    md5s = dict(fetch.ARCHIVES["mnist"])
+    md5s["t10k-labels-idx1-ubyte.gz"] = "0" * 32  # the last archive: the first three were fine
+    monkeypatch.setitem(fetch.ARCHIVES, "mnist", md5s)
+    root = tmp_path / "mnist"
+    with pytest.raises(RuntimeError, match=r"MD5 mismatch for .*t10k-labels-idx1-ubyte\.gz: expected 0{32}"):
+        create_dataset("mnist", root, download=True)
+    assert os.listdir(root) == []
+    with pytest.raises(FileNotFoundError, match="missing train-images-idx3-ubyte"):
+        create_dataset("mnist", root)
+
+    monkeypatch.setitem(fetch.MIRRORS, "mnist", server.url + "nowhere/")
+    with pytest.raises(RuntimeError, match=r"could not download .*nowhere/train-images-idx3-ubyte\.gz"):
+        create_dataset("mnist", root, download=True)
+    assert os.listdir(root) == []
+
+
+def test_download_cifar10_binary_archive(tmp_path, server, monkeypatch):
+    rng = np.random.default_rng(4)
+    records, pixels = cifar_records(rng, 4)
+    staging = tmp_path / "build" / "cifar-10-batches-bin"
+    for name in CIFAR_FILES:
+        write_cifar_file(staging / name, records if name == "test_batch.bin" else b"")
+    (staging / "batches.meta.txt").write_text("airplane\n")
+    (tmp_path / "www" / "kriz").mkdir()
+    archive = tmp_path / "www" / "kriz" / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:  # mostly zeros: 184 MB packs to about 1 MB
+        tar.add(staging, arcname="cifar-10-batches-bin")
+    monkeypatch.setitem(fetch.MIRRORS, "cifar10", server.url + "kriz/")
+    monkeypatch.setitem(fetch.ARCHIVES, "cifar10", {archive.name: hashlib.md5(archive.read_bytes()).hexdigest()})
+
+    root = tmp_path / "cifar"
+    dataset = create_dataset("cifar10", root, split="test", image_size=32, batch_size=4, shuffle=False, download=True)
+    (first,) = next(dataset.create_tuple_iterator(output_numpy=True, num_epochs=1))
+    np.testing.assert_array_equal(first, scaled(pixels.transpose(0, 3, 1, 2)))
+    assert sorted(os.listdir(root)) == sorted(CIFAR_FILES + ["batches.meta.txt"])  # flat, archive removed
+
+
+def test_download_refuses_archives_without_the_expected_files(tmp_path, server, monkeypatch):
+    (tmp_path / "www" / "kriz").mkdir()
+    archive = tmp_path / "www" / "kriz" / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-bin/test_batch.bin")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    monkeypatch.setitem(fetch.MIRRORS, "cifar10", server.url + "kriz")
+    monkeypatch.setitem(fetch.ARCHIVES, "cifar10", {archive.name: hashlib.md5(archive.read_bytes()).hexdigest()})
+    root = tmp_path / "cifar"
+    with pytest.raises(RuntimeError, match=r"did not unpack to the expected files.*data_batch_1\.bin"):
+        create_dataset("cifar10", root, download=True)
+    assert os.listdir(root) == []
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_dataset_lists_the_valid_names():
+    with pytest.raises(ValueError, match=r"dataset must be one of \['mnist', 'fashion_mnist', 'cifar10', 'folder'\]"):
+        create_dataset("imagenet", "anywhere")
+    assert DATASETS == ("mnist", "fashion_mnist", "cifar10", "folder")
+
+
+def test_missing_root_says_how_to_fix_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        create_dataset("mnist", tmp_path / "nope")
+    message = str(err.value)
+    assert "does not exist" in message and "download=True" in message
+    assert "train-images-idx3-ubyte" in message and "train-labels-idx1-ubyte" in message
+    with pytest.raises(FileNotFoundError, match=r"missing t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"):
+        create_dataset("fashion_mnist", tmp_path, split="test")
+    with pytest.raises(FileNotFoundError, match=r"CIFAR-10.*does not exist.*download=True.*test_batch\.bin"):
+        create_dataset("cifar10", tmp_path / "nope", split="test")
+    with pytest.raises(FileNotFoundError, match="image folder .* does not exist"):
+        create_dataset("folder", tmp_path / "nope")
+
+
+def test_folder_without_images_is_an_error(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "readme.txt").write_text("no pictures here")
+    with pytest.raises(FileNotFoundError, match=r"no images found under .*\.png, \.jpg"):
+        create_dataset("folder", tmp_path)
+    with pytest.raises(ValueError, match="download=True needs one of"):
+        create_dataset("folder", tmp_path, download=True)
+
+
+def test_bad_arguments_are_rejected_before_reading(tmp_path):
+    write_idx(tmp_path, "train", np.zeros((3, 28, 28), np.uint8))
+    for size in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=r"image_size must be an integer >= 1"):
+            create_dataset("mnist", tmp_path, image_size=size)
+    with pytest.raises(ValueError, match=r"channels must be one of \[1, 3\], got 2"):
+        create_dataset("mnist", tmp_path, channels=2)
+    with pytest.raises(ValueError, match=r"split must be one of \['train', 'test'\]"):
+        create_dataset("mnist", tmp_path, split="val")
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1"):
+        create_dataset("mnist", tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match=r"shard_id must be an integer in \[0, 2\), got 2"):
+        create_dataset("mnist", tmp_path, batch_size=1, num_shards=2, shard_id=2)
+    with pytest.raises(ValueError, match=r"shard_id must be an integer in \[0, 2\), got -1"):
+        create_dataset("mnist", tmp_path, batch_size=1, num_shards=2, shard_id=-1)
+    with pytest.raises(ValueError, match="give both num_shards and shard_id"):
+        create_dataset("mnist", tmp_path, batch_size=1, num_shards=2)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2147483648\)"):
+        create_dataset("mnist", tmp_path, batch_size=1, seed=-3)
+    with pytest.raises(ValueError, match=r"3 images per shard, fewer than batch_size=4.*drop_remainder=False"):
+        create_dataset("mnist", tmp_path, batch_size=4)
+    assert len(epoch(create_dataset("mnist", tmp_path, batch_size=4, drop_remainder=False))) == 3
+
+
+def test_mismatched_idx_files_are_reported(tmp_path):
+    write_idx(tmp_path, "train", np.zeros((3, 28, 28), np.uint8))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(labels=np.arange(4)))
+    with pytest.raises(ValueError, match="train split has 3 images but 4 labels"):
+        create_dataset("mnist", tmp_path, batch_size=1)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_bytes(images=np.zeros((3, 28, 28), np.uint8))[:-5])
+    with pytest.raises(ValueError, match=r"idx3-ubyte: 2363 bytes, but its header \(3, 28, 28\) needs 2368"):
+        create_dataset("mnist", tmp_path, batch_size=1)
