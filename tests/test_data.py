@@ -16,9 +16,8 @@ from mindspore import nn
 from PIL import Image
 
 from ms_ddpm.data import DATASETS, create_dataset, fetch
+from tests.helpers import MNIST5K
 
-# Real MNIST subset (4,000 train + 1,000 test, IDX) kept beside the repository; never copied into it.
-MNIST5K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist5k"
 needs_mnist5k = pytest.mark.skipif(not MNIST5K.is_dir(), reason=f"real MNIST subset not found at {MNIST5K}")
 
 CIFAR_RECORD = 1 + 3 * 32 * 32

@@ -1,0 +1,287 @@
+"""The training system: overflow skipping, resume, atomic checkpoints, EMA, LR schedule, mixed precision, CLI errors."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import amp, nn
+
+from ms_ddpm.cli import main as cli_main
+from ms_ddpm.config import Config, ConfigError
+from ms_ddpm.diffusion import GaussianDiffusion
+from ms_ddpm.losses import DiffusionLoss
+from ms_ddpm.models.unet import Unet
+from ms_ddpm.schedules import get_beta_schedule
+from ms_ddpm.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from ms_ddpm.train.ema import EMA
+from ms_ddpm.train.lr_schedule import warmup_cosine_lr
+from ms_ddpm.train.step import TrainStep
+from ms_ddpm.train.trainer import Trainer
+from tests.helpers import MNIST5K
+
+TINY_MODEL = {"dim": 8, "dim_mults": [1, 2], "channels": 1, "heads": 1, "dim_head": 8}
+
+
+def tiny_config(output_dir, **train):
+    """A run small enough for CI: 8x8 MNIST digits, a ~30k-parameter U-Net, batch 4."""
+    if not MNIST5K.is_dir():
+        pytest.skip(f"the mnist5k data set is not at {MNIST5K}")
+    t = {"output_dir": str(output_dir), "batch_size": 4, "steps": 8, "warmup_steps": 2, "lr": 1e-3, "log_every": 1,
+         "sample_every": 0, "save_every": 4, "ema_decay": 0.9, "seed": 3}
+    t.update(train)
+    return Config.from_dict({
+        "model": {"name": "unet", "kwargs": TINY_MODEL},
+        "diffusion": {"num_timesteps": 100},
+        "data": {"name": "mnist", "root": str(MNIST5K), "image_size": 8},
+        "train": t,
+    })
+
+
+def read_log(output_dir):
+    lines = (Path(output_dir) / "train_log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def weights(net):
+    return {p.name: p.asnumpy().copy() for p in net.trainable_params()}
+
+
+# --- the step ----------------------------------------------------------------------------------------------------
+def test_overflowing_step_is_skipped_and_scale_halved():
+    ms.set_seed(0)
+    net = Unet(**TINY_MODEL)
+    loss_fn = DiffusionLoss(net, GaussianDiffusion(get_beta_schedule("linear", 100)))
+    optimizer = nn.Adam(net.trainable_params(), learning_rate=1e-3)
+    step = TrainStep(loss_fn, optimizer, amp.DynamicLossScaler(1024.0, 2, 2), jit=False)
+    x = ms.Tensor(np.random.default_rng(0).uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32))
+    t = ms.Tensor(np.array([5, 50], np.int32))
+    good_noise = ms.Tensor(np.zeros((2, 1, 8, 8), np.float32))
+    bad_noise = ms.Tensor(np.full((2, 1, 8, 8), np.inf, np.float32))  # makes the loss and every gradient inf
+
+    before = weights(net)
+    _, finite, _ = step(x, t, bad_noise)
+    assert not bool(finite)
+    for name, value in weights(net).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    assert float(step.loss_scaler.scale_value.asnumpy()) == 512.0
+    assert int(optimizer.global_step.asnumpy()[0]) == 0  # no optimizer step was taken
+
+    for _ in range(2):  # a window of 2 good steps doubles the scale again
+        _, finite, _ = step(x, t, good_noise)
+        assert bool(finite)
+    assert float(step.loss_scaler.scale_value.asnumpy()) == 1024.0
+    assert any(not np.array_equal(v, before[k]) for k, v in weights(net).items())
+
+
+def test_ema_matches_its_formula():
+    net = nn.Dense(3, 2)
+    ema = EMA(net, decay=0.9, warmup=True)
+    theta = [p.asnumpy().astype(np.float64) for p in net.trainable_params()]
+    expected = [w.copy() for w in theta]
+    rng = np.random.default_rng(0)
+    for n in range(5):
+        for p in net.trainable_params():
+            p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32)))
+        d = min(0.9, (1 + n) / (10 + n))
+        got_d = float(ema.update().asnumpy())
+        assert got_d == pytest.approx(d, rel=1e-6)
+        expected = [d * e + (1 - d) * p.asnumpy() for e, p in zip(expected, net.trainable_params())]
+    for e, w in zip(expected, ema.ema_weights):
+        np.testing.assert_allclose(w.asnumpy(), e, rtol=1e-5, atol=1e-6)
+    target = nn.Dense(3, 2)
+    ema.copy_to(target)
+    np.testing.assert_allclose(target.weight.asnumpy(), expected[0], rtol=1e-5, atol=1e-6)
+
+
+def test_warmup_cosine_matches_its_formula():
+    lr = warmup_cosine_lr(1e-3, total_steps=110, warmup_steps=10, min_lr=1e-5)
+    s = np.arange(110)
+    expected = np.where(s < 10, 1e-3 * (s + 1) / 10,
+                        1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + np.cos(np.pi * (s - 10) / 100)))
+    np.testing.assert_allclose(lr, expected, rtol=1e-6)
+    assert lr[9] == pytest.approx(1e-3) and lr[-1] == pytest.approx(1e-5, rel=1e-2)
+    np.testing.assert_allclose(warmup_cosine_lr(2e-4, 20, 5, schedule="constant")[5:], 2e-4)
+    with pytest.raises(ValueError, match=r"lr_schedule must be one of \['cosine', 'constant'\]"):
+        warmup_cosine_lr(1e-3, 10, schedule="step")
+
+
+# --- whole runs -------------------------------------------------------------------------------------------------
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    """4 steps + resume + 4 steps == 8 uninterrupted steps (losses and weights to 1e-6), graph mode."""
+    full = Trainer(tiny_config(tmp_path / "full"))
+    full.train()
+    first = Trainer(tiny_config(tmp_path / "split", steps=4))
+    first.train()
+    second = Trainer(tiny_config(tmp_path / "split", steps=8))
+    assert second.resume().name == "ckpt_00000004.ckpt" and second.step == 4
+    second.train()
+    full_losses = [r["loss"] for r in read_log(tmp_path / "full")]
+    split_losses = [r["loss"] for r in read_log(tmp_path / "split")]
+    np.testing.assert_allclose(split_losses, full_losses, rtol=1e-6)
+    for name, value in weights(full.model).items():
+        np.testing.assert_allclose(weights(second.model)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+    for a, b in zip(full.ema.ema_weights, second.ema.ema_weights):
+        np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-6, atol=1e-7)
+    assert [p.name for p in list_checkpoints(tmp_path / "full")] == ["ckpt_00000004.ckpt", "ckpt_00000008.ckpt"]
+
+
+def test_o2_float16_training_on_cpu_has_finite_falling_loss(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, steps=30, amp_level="O2", amp_dtype="float16", lr=3e-3, save_every=0))
+    trainer.train()
+    losses = [r["loss"] for r in read_log(tmp_path)]
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+def test_gradient_accumulation_averages_micro_batches(tmp_path):
+    """Two micro-batches of 2 give the update of one batch of 4 (the same images, t and noise)."""
+    ms.set_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32)
+    t = rng.integers(0, 100, 4).astype(np.int32)
+    noise = rng.standard_normal((4, 1, 8, 8)).astype(np.float32)
+    results = []
+    for accumulation in (1, 2):
+        ms.set_seed(0)
+        net = Unet(**TINY_MODEL)
+        loss_fn = DiffusionLoss(net, GaussianDiffusion(get_beta_schedule("linear", 100)))
+        step = TrainStep(loss_fn, nn.SGD(net.trainable_params(), learning_rate=0.1), amp.StaticLossScaler(1.0),
+                         grad_clip=0, grad_accumulation=accumulation, jit=False)
+        size = 4 // accumulation
+        for k in range(accumulation):
+            sl = slice(k * size, (k + 1) * size)
+            step(ms.Tensor(x[sl]), ms.Tensor(t[sl]), ms.Tensor(noise[sl]), k == accumulation - 1)
+        results.append(weights(net))
+    for name, value in results[0].items():
+        np.testing.assert_allclose(results[1][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+KILLER = """
+import sys
+import mindspore as ms, numpy as np
+from ms_ddpm.train.checkpoint import save_checkpoint
+params = [ms.Parameter(ms.Tensor(np.full((512, 512), i, np.float32)), name=f"w{i}") for i in range(24)]
+step = 0
+while True:
+    step += 1
+    save_checkpoint(sys.argv[1], step, params, "model: {}", {"s": step}, keep=2)
+    print(step, flush=True)
+"""
+
+
+def test_sigkill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):  # wait until a few checkpoints exist, so the kill lands in a later save
+            proc.stdout.readline()
+        time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    newest = list_checkpoints(tmp_path)[-1]
+    state = load_checkpoint(newest)
+    assert state["rng_state"] == {"s": state["step"]}
+    np.testing.assert_array_equal(state["w7"].asnumpy(), 7.0)
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
+    p = [ms.Parameter(ms.Tensor(np.ones(1000, np.float32)), name="w")]
+    path = save_checkpoint(tmp_path, 1, p, "model: {}", {}, keep=3)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+    foreign = tmp_path / "foreign.ckpt"
+    ms.save_checkpoint(p, str(foreign))
+    with pytest.raises(CheckpointError, match="not written by ms_ddpm"):
+        load_checkpoint(foreign)
+
+
+# --- the command line: clear messages, exit status 2 --------------------------------------------------------------
+def run_cli(capsys, *argv):
+    code = cli_main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_cli_train_then_sample_writes_grid_npz_and_gif(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run", steps=2, save_every=2)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(cfg.to_yaml())
+    code, err = run_cli(capsys, "train", "--config", str(config_file), "--set", "train.mode=pynative")
+    assert code == 0, err
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    ckpt = tmp_path / "run" / "ckpt_00000002.ckpt"
+    code, err = run_cli(capsys, "sample", "--ckpt", str(ckpt), "--steps", "3", "--num", "5", "--batch-size", "4",
+                        "--gif", "--mode", "pynative", "--out", str(tmp_path / "samples"))
+    assert code == 0, err
+    samples = np.load(tmp_path / "samples" / "samples.npz")["samples"]
+    assert samples.shape == (5, 1, 8, 8) and np.isfinite(samples).all()
+    assert (tmp_path / "samples" / "samples.png").stat().st_size > 0
+    assert (tmp_path / "samples" / "denoising.gif").read_bytes()[:3] == b"GIF"
+
+
+def test_cli_bad_inputs_end_with_a_message_and_status_2(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run", steps=2, save_every=2, mode="pynative")
+    good = tmp_path / "good.yaml"
+    good.write_text(cfg.to_yaml())
+
+    code, err = run_cli(capsys, "train", "--config", str(good), "--set", "data.root=" + str(tmp_path / "nowhere"))
+    assert code == 2 and "download=True" in err and "Traceback" not in err
+
+    code, err = run_cli(capsys, "train", "--config", str(good), "--set", "train.learning_rate=1")
+    assert code == 2 and "unknown key(s) ['learning_rate'] in section 'train'; valid keys: ['output_dir'" in err
+
+    code, err = run_cli(capsys, "train", "--config", str(good), "--set", "train.amp_level=O2",
+                        "train.amp_dtype=bfloat16")
+    assert code == 2 and "bfloat16 mixed precision is for Ascend and GPU" in err
+
+    code, err = run_cli(capsys, "train", "--config", str(good))
+    assert code == 0, err
+    code, err = run_cli(capsys, "train", "--config", str(good), "--set", "train.lr=0.5", "--resume")
+    assert code == 2 and "cannot resume: the config differs" in err and "train.lr" in err
+
+    ckpt = tmp_path / "run" / "ckpt_00000002.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    code, err = run_cli(capsys, "sample", "--ckpt", str(ckpt), "--mode", "pynative")
+    assert code == 2 and "corrupt or truncated" in err
+    code, err = run_cli(capsys, "train", "--config", str(good), "--resume")
+    assert code == 2 and "corrupt or truncated" in err
+
+
+def test_persistent_nan_loss_aborts_with_a_message(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run", steps=20, lr=1e30, warmup_steps=0, grad_clip=0, save_every=0,
+                      max_nonfinite_steps=3, mode="pynative", loss_scaler="none")
+    config_file = tmp_path / "nan.yaml"
+    config_file.write_text(cfg.to_yaml())
+    code, err = run_cli(capsys, "train", "--config", str(config_file))
+    assert code == 2 and "non-finite for 3 steps in a row" in err
+
+
+def test_config_errors_name_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config section\(s\) \['modle'\]; valid sections"):
+        Config.from_dict({"modle": {}})
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        Config.load(None, ["lr=3"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        Config.load(tmp_path / "missing.yaml")
+    cfg = Config.load(None, ["model.kwargs={dim: 4}", "train.steps=7"])
+    assert cfg.model.kwargs == {"dim": 4} and cfg.train.steps == 7
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load_and_build(path):
+    cfg = Config.load(path)
+    from ms_ddpm.train.trainer import build_diffusion, build_model
+
+    build_diffusion(cfg)
+    if cfg.model.name == "unet":  # the paper network is built by its own tests
+        assert sum(p.size for p in build_model(cfg).trainable_params()) > 0
