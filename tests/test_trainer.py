@@ -106,7 +106,7 @@ def test_warmup_cosine_matches_its_formula():
     expected = np.where(s < 10, 1e-3 * (s + 1) / 10,
                         1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + np.cos(np.pi * (s - 10) / 100)))
     np.testing.assert_allclose(lr, expected, rtol=1e-6)
-    assert lr[9] == pytest.approx(1e-3) and lr[-1] == pytest.approx(1e-5, rel=1e-2)
+    assert lr[9] == pytest.approx(1e-3, rel=1e-6) and lr[-1] == pytest.approx(1e-5, rel=3e-2)
     np.testing.assert_allclose(warmup_cosine_lr(2e-4, 20, 5, schedule="constant")[5:], 2e-4)
     with pytest.raises(ValueError, match=r"lr_schedule must be one of \['cosine', 'constant'\]"):
         warmup_cosine_lr(1e-3, 10, schedule="step")
@@ -117,9 +117,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     """4 steps + resume + 4 steps == 8 uninterrupted steps (losses and weights to 1e-6), graph mode."""
     full = Trainer(tiny_config(tmp_path / "full"))
     full.train()
-    first = Trainer(tiny_config(tmp_path / "split", steps=4))
-    first.train()
-    second = Trainer(tiny_config(tmp_path / "split", steps=8))
+    first = Trainer(tiny_config(tmp_path / "split"))
+    first.train(until=4)  # the same run, stopped half way
+    second = Trainer(tiny_config(tmp_path / "split"))
     assert second.resume().name == "ckpt_00000004.ckpt" and second.step == 4
     second.train()
     full_losses = [r["loss"] for r in read_log(tmp_path / "full")]

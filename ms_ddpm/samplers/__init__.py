@@ -3,13 +3,29 @@ from ..utils import check_choice
 from .base import Sampler, SamplerOutput, spaced_timesteps
 from .ddim import DDIMSampler
 from .ddpm import DDPMSampler
+from .dpm_solver import DPMSolverSampler
+from .ncsn import AnnealedLangevinSampler, NCSNLoss, geometric_sigmas
+from .sde import (VESDE, VPSDE, EulerMaruyamaSampler, PredictorCorrectorSampler, ProbabilityFlowSampler, SubVPSDE,
+                  ScoreSDESampler)
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
+# score-based and fast samplers. Their first argument: a GaussianDiffusion, or for the SDE samplers any SDE
+# (VPSDE / SubVPSDE / VESDE), and for "ald" the noise levels (a sigma array or a VESDE)
+SAMPLERS.update({
+    "euler_maruyama": EulerMaruyamaSampler,
+    "pc": PredictorCorrectorSampler,
+    "ode": ProbabilityFlowSampler,
+    "dpm_solver": DPMSolverSampler,
+    "ald": AnnealedLangevinSampler,
+})
 
 
 def create_sampler(name, diffusion, **kwargs):
-    """Build a sampler by name (one of SAMPLERS) for `diffusion`; kwargs go to its constructor."""
+    """Build a sampler by name (one of SAMPLERS) for `diffusion` (for "ald": the noise levels); kwargs go to its
+    constructor."""
     return SAMPLERS[check_choice("sampler", name, SAMPLERS)](diffusion, **kwargs)
 
 
-__all__ = ["Sampler", "SamplerOutput", "spaced_timesteps", "DDPMSampler", "DDIMSampler", "SAMPLERS", "create_sampler"]
+__all__ = ["Sampler", "SamplerOutput", "spaced_timesteps", "DDPMSampler", "DDIMSampler", "SAMPLERS", "create_sampler",
+           "DPMSolverSampler", "EulerMaruyamaSampler", "PredictorCorrectorSampler", "ProbabilityFlowSampler",
+           "ScoreSDESampler", "VPSDE", "SubVPSDE", "VESDE", "AnnealedLangevinSampler", "NCSNLoss", "geometric_sigmas"]

@@ -31,10 +31,16 @@ class EMA(nn.Cell):
         n = self.num_updates.astype(ms.float32)
         return ops.minimum(ms.Tensor(self.decay, ms.float32), (1 + n) / (10 + n))
 
-    @ms.jit
     def update(self):
+        """One EMA step; returns the decay used."""
+        return self._update(ms.mutable(tuple(w.value() for w in self.weights)))
+
+    @ms.jit
+    def _update(self, weights):
+        # The weights are passed in rather than read from self.weights: a compiled method sees another Cell's
+        # parameters, unregistered here, as constants frozen at compile time. mutable(): one compile for all values.
         d = self.current_decay()
-        for ema, w in zip(self.ema_weights, self.weights):
+        for ema, w in zip(self.ema_weights, weights):
             ops.assign(ema, d * ema + (1 - d) * w.astype(ms.float32))
         ops.assign_add(self.num_updates, ms.Tensor(1, ms.int32))
         return d

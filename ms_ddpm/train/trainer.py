@@ -30,7 +30,8 @@ from .ema import EMA
 from .lr_schedule import warmup_cosine_lr
 from .step import TrainStep
 
-# train.* keys that may change between a run and its resumption; everything else must match.
+# train.* keys that may change between a run and its resumption; everything else must match. (A new train.steps
+# stretches the cosine schedule from the resumed step on.)
 RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "save_every", "keep_checkpoints", "num_samples",
                   "max_nonfinite_steps", "output_dir"}
 
@@ -50,7 +51,8 @@ def set_runtime(train_cfg):
             "bfloat16 mixed precision is for Ascend and GPU: MindSpore's CPU backend has no bfloat16 Conv2D or "
             "MatMul kernel. On CPU use train.amp_dtype=float16 or train.amp_level=O0."
         )
-    ms.set_device(train_cfg.device)
+    if ms.get_context("device_target") != train_cfg.device:  # set_device may run once, before any kernel
+        ms.set_device(train_cfg.device)
     ms.set_context(mode=ms.GRAPH_MODE if train_cfg.mode == "graph" else ms.PYNATIVE_MODE)
 
 
@@ -193,8 +195,10 @@ class Trainer:
         x = sampler.sample(net, (t.num_samples, c.channels, c.image_size, c.image_size), seed=t.seed, progress=False)
         save_image_grid(x.asnumpy(), path)
 
-    def train(self):
+    def train(self, until=None):
+        """Train to `train.steps` (or only to step `until`; the run can be continued later) and return the last loss."""
         t = self.cfg.train
+        until = t.steps if until is None else min(until, t.steps)
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")
@@ -206,7 +210,7 @@ class Trainer:
         nonfinite, loss, last_time, last_step = 0, float("nan"), time.perf_counter(), self.step
         bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
         data = self.batches()
-        while self.step < t.steps:
+        while self.step < until:
             for micro in range(t.grad_accumulation):
                 images = next(data)
                 b = images.shape[0]
@@ -232,9 +236,9 @@ class Trainer:
                 self.log({"step": self.step, "loss": loss, "lr": lr, "loss_scale": scale,
                           "grad_norm": float(norm.asnumpy()), "img_per_s": img_s})
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.1f}", scale=f"{scale:g}")
-            if self.rank == 0 and t.save_every and (self.step % t.save_every == 0 or self.step == t.steps):
+            if self.rank == 0 and t.save_every and (self.step % t.save_every == 0 or self.step == until):
                 self.save()
-            if self.rank == 0 and t.sample_every and (self.step % t.sample_every == 0 or self.step == t.steps):
+            if self.rank == 0 and t.sample_every and (self.step % t.sample_every == 0 or self.step == until):
                 self.sample_grid(self.output_dir / f"samples_{self.step:08d}.png")
         bar.close()
         return loss

@@ -1,0 +1,692 @@
+"""Training and sampling throughput of ms_ddpm on this machine, with the same U-Net in PyTorch as the yardstick.
+
+    python scripts/benchmark.py --config configs/unet_mnist5k_cpu.yaml --batch-size 32 [--json out.json]
+
+What one run measures (each phase in its own subprocess, so that its peak RSS is its own):
+  - training img/s with the library's real step (`Trainer(cfg).step_fn`: value_and_grad, loss scaler, clipping,
+    the config's optimizer and loss), compiled (GRAPH_MODE, jit) and op by op (PYNATIVE_MODE), on random images of
+    the config's size; host-side draws of t and noise and the per-step loss read-back are included, as in
+    `Trainer.train`; data loading and the EMA update are not;
+  - sampling img/s in GRAPH_MODE (network compiled) for DDPM (`--ddpm-steps`, default T), DDIM-50 and, when the
+    library has it, DPM-Solver-20: seconds per sampling step, timed over `--steps-per-repeat` steps of a chain and
+    multiplied by the step count (a sampling step costs the same at every t, so timing a prefix of the chain and
+    extrapolating is exact up to noise; the output says so);
+  - the same U-Net in PyTorch eager (`ms_ddpm.reference.torch_unet`, same shapes, batch, optimizer and loss):
+    training and DDIM-50 sampling img/s, and the ratios MindSpore / PyTorch;
+  - forward FLOPs per image (2 x multiply-accumulates of convolutions, dense layers and attention matmuls;
+    norms, activations and softmax not counted), checked against torch's FlopCounterMode when torch is present,
+    and the fraction of this machine's float32 matmul throughput (measured in the same run) each row achieves,
+    taking a training step as 3 x the forward FLOPs;
+  - peak RSS of each phase's process: interpreter, framework, model, graph compilation and the measured loop
+    (the RSS right after the imports is given too).
+Timings are medians over `--repeats` after `--warmup` steps; the warm-up includes graph compilation, whose cost
+(first call minus a steady step) is reported on its own.
+"""
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+DDIM_STEPS = 50
+DPM_SOLVER_STEPS = 20
+MATMUL_SIZE = 2048
+
+# rows of the report: (key, what, phase that measures it, row of PyTorch it is compared with)
+ROWS = [
+    ("ms_train_graph", "train, MindSpore GRAPH_MODE (jit TrainStep)", "ms_train_graph", "torch_train"),
+    ("ms_train_pynative", "train, MindSpore PYNATIVE_MODE", "ms_train_pynative", "torch_train"),
+    ("torch_train", "train, PyTorch eager", "torch_train", None),
+    ("ms_sample_ddpm", "sample DDPM-{ddpm_steps}, MindSpore GRAPH_MODE", "ms_sample", None),
+    ("ms_sample_ddim", f"sample DDIM-{DDIM_STEPS}, MindSpore GRAPH_MODE", "ms_sample", "torch_sample_ddim"),
+    ("ms_sample_dpm_solver", f"sample DPM-Solver-{DPM_SOLVER_STEPS}, MindSpore GRAPH_MODE", "ms_sample", None),
+    ("torch_sample_ddim", f"sample DDIM-{DDIM_STEPS}, PyTorch eager", "torch_sample", None),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML run config (model, diffusion, data size, optimizer, loss)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: the config's)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
+    p.add_argument("--steps-per-repeat", type=int, default=10,
+                   help="training steps, or sampling steps of a chain, timed in each repeat")
+    p.add_argument("--ddpm-steps", type=int, default=None,
+                   help="DDPM sampling steps the img/s figure is for (default: the config's T)")
+    p.add_argument("--skip-torch", action="store_true", help="leave out the PyTorch rows")
+    p.add_argument("--ms-threads", type=int, default=None,
+                   help="ms.set_context(runtime_num_threads=...) (default: MindSpore's own choice, reported)")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase in this process
+    p.add_argument("--phase-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("repeats", "warmup", "steps_per_repeat"):
+        minimum = 0 if name == "warmup" else 1
+        if getattr(args, name) < minimum:
+            p.error(f"--{name.replace('_', '-')} must be >= {minimum}")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers shared by the phases
+
+
+def rss_mib():
+    """Current resident set size of this process in MiB (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def peak_rss_mib():
+    """Peak resident set size of this process so far, in MiB (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_config(args):
+    from ms_ddpm.config import Config
+
+    cfg = Config.load(args.config)
+    if args.batch_size is not None:
+        cfg.train.batch_size = args.batch_size
+    return cfg
+
+
+def image_shape(cfg):
+    return (cfg.train.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+
+
+def timed_repeats(step, args, sync):
+    """Run `warmup` untimed calls of step(), then `repeats` x `steps_per_repeat` timed ones.
+
+    Returns (seconds of the first call, or None without warm-up; median seconds per call; all per-call figures).
+    `sync()` waits for queued work, so a repeat's clock stops when its last step has really finished.
+    """
+    first = None
+    for i in range(args.warmup):
+        start = time.perf_counter()
+        step()
+        sync()
+        if i == 0:
+            first = time.perf_counter() - start
+    per_call = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.steps_per_repeat):
+            step()
+        sync()
+        per_call.append((time.perf_counter() - start) / args.steps_per_repeat)
+    return first, statistics.median(per_call), per_call
+
+
+def result(seconds_per_step, batch, steps_per_image_batch=1, first_call=None, per_call=(), **extra):
+    """A row: img/s from the median seconds per step and how many steps one batch of images takes."""
+    out = {
+        "img_per_s": batch / (seconds_per_step * steps_per_image_batch),
+        "seconds_per_step": seconds_per_step,
+        "seconds_per_step_repeats": list(per_call),
+        "first_call_s": first_call,
+        # graph compilation and other one-off costs: the first call minus a steady call
+        "compile_s": None if first_call is None else max(first_call - seconds_per_step, 0.0),
+    }
+    out.update(extra)
+    return out
+
+
+def progress(msg):
+    print(f"[benchmark] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MindSpore phases
+
+
+def set_mindspore_threads(args):
+    import mindspore as ms
+
+    if args.ms_threads is not None:
+        ms.set_context(runtime_num_threads=args.ms_threads)
+    return ms.get_context("runtime_num_threads")
+
+
+def phase_ms_train(args, mode):
+    """Training steps of the library's Trainer (its TrainStep, optimizer, loss scaler and loss) on random images."""
+    import mindspore as ms
+
+    from ms_ddpm.train.trainer import Trainer
+
+    cfg = load_config(args)
+    cfg.train.mode = mode
+    # the learning-rate table must cover every step taken here
+    cfg.train.steps = max(cfg.train.steps, args.warmup + args.repeats * args.steps_per_repeat + 1)
+    rss_after_imports = rss_mib()
+    threads = set_mindspore_threads(args)
+    trainer = Trainer(cfg)  # sets device and mode, seeds, builds model, loss, optimizer and TrainStep
+    trainer.model.set_train(True)
+    rng = np.random.default_rng(cfg.train.seed)
+    shape = image_shape(cfg)
+    images = ms.Tensor(rng.uniform(-1, 1, shape).astype(np.float32))
+    T = trainer.diffusion.num_timesteps
+    losses = []
+
+    def step():
+        # as Trainer.train: t and noise drawn on the host, loss read back every step
+        t = ms.Tensor(rng.integers(0, T, shape[0]).astype(np.int32))
+        noise = ms.Tensor(rng.standard_normal(shape, dtype=np.float32))
+        loss, _, _ = trainer.step_fn(images, t, noise, True)
+        losses.append(float(loss.asnumpy()))
+
+    progress(f"MindSpore training, {mode} mode, batch {shape[0]}")
+    first, median, per_call = timed_repeats(step, args, sync=lambda: None)
+    n_params = sum(p.size for p in trainer.model.trainable_params())
+    out = {"ms_train_" + mode: result(median, shape[0], 1, first, per_call, loss_finite=bool(np.isfinite(losses).all()),
+                                      optimizer=cfg.train.optimizer, loss_type=cfg.diffusion.loss_type,
+                                      amp_level=cfg.train.amp_level)}
+    extra = {"parameters": int(n_params), "runtime_num_threads": threads}
+    if mode == "pynative":  # the FLOP count needs PyNative hooks: done here, on a separate batch-1 copy
+        extra["flops_per_image_forward"] = count_flops_mindspore(cfg)
+    return out, extra, rss_after_imports
+
+
+def count_flops_mindspore(cfg):
+    """Forward FLOPs of one image (2 x MACs of convolutions, dense layers and attention matmuls), counted with
+    forward hooks in PyNative mode; the attention matmuls are read off the U-Net's Attention / LinearAttention."""
+    import mindspore as ms
+    from mindspore import nn
+
+    from ms_ddpm.models import unet
+    from ms_ddpm.train.trainer import build_model
+
+    net = build_model(cfg)
+    net.set_train(False)
+    counts = []
+
+    def conv(cell, args, out):
+        kh, kw = cell.kernel_size
+        counts.append(2 * out.size * (cell.in_channels // cell.group) * kh * kw)
+
+    def dense(cell, args, out):
+        counts.append(2 * out.size * cell.in_channels)
+
+    def attention(cell, args, out):
+        b, _, h, w = args[0].shape
+        n, d = h * w, cell.to_qkv.out_channels // (3 * cell.heads)
+        # q^T k and attn v: two (n x d) by (d x n)-sized products per head
+        counts.append(2 * 2 * b * cell.heads * n * n * d)
+
+    def linear_attention(cell, args, out):
+        b, _, h, w = args[0].shape
+        n, d = h * w, cell.to_qkv.out_channels // (3 * cell.heads)
+        # k v^T (d x n by n x d) and context^T q (d x d by d x n) per head
+        counts.append(2 * 2 * b * cell.heads * d * d * n)
+
+    for cell in net.cells_and_names():
+        cell = cell[1]
+        if isinstance(cell, nn.Conv2d):
+            cell.register_forward_hook(conv)
+        elif isinstance(cell, nn.Dense):
+            cell.register_forward_hook(dense)
+        elif isinstance(cell, unet.Attention):
+            cell.register_forward_hook(attention)
+        elif isinstance(cell, unet.LinearAttention):
+            cell.register_forward_hook(linear_attention)
+    shape = (1,) + image_shape(cfg)[1:]
+    net(ms.Tensor(np.zeros(shape, np.float32)), ms.Tensor(np.zeros(1, np.int32)))
+    return int(sum(counts))
+
+
+def phase_ms_sample(args):
+    """Sampling steps in GRAPH_MODE: DDPM, DDIM-50 and DPM-Solver-20 when the library has it."""
+    import mindspore as ms
+
+    from ms_ddpm.samplers import SAMPLERS, create_sampler
+    from ms_ddpm.train.trainer import build_diffusion, build_model, set_runtime
+
+    cfg = load_config(args)
+    rss_after_imports = rss_mib()
+    cfg.train.mode = "graph"
+    threads = set_mindspore_threads(args)
+    set_runtime(cfg.train)
+    ms.set_seed(cfg.train.seed)
+    diffusion = build_diffusion(cfg)
+    net = build_model(cfg)
+    net.set_train(False)
+    shape = image_shape(cfg)
+    T = diffusion.num_timesteps
+    ddpm_steps = args.ddpm_steps or T
+    plan = [("ms_sample_ddpm", "ddpm", ddpm_steps), ("ms_sample_ddim", "ddim", DDIM_STEPS)]
+    out = {}
+    if "dpm_solver" in SAMPLERS:
+        plan.append(("ms_sample_dpm_solver", "dpm_solver", DPM_SOLVER_STEPS))
+    else:
+        out["ms_sample_dpm_solver"] = {"skipped": "ms_ddpm.samplers.SAMPLERS has no 'dpm_solver' yet"}
+    for key, name, steps in plan:
+        try:
+            sampler = create_sampler(name, diffusion)
+            sampler.set_timesteps(steps)
+        except Exception as err:  # a sampler whose interface differs is reported, not fatal
+            out[key] = {"skipped": f"could not build sampler {name!r}: {type(err).__name__}: {err}"}
+            continue
+        progress(f"MindSpore sampling, {name}, {steps} steps, batch {shape[0]}")
+        out[key] = time_sampler(args, sampler, net, shape, steps)
+    return out, {"runtime_num_threads": threads, "ddpm_steps": ddpm_steps}, rss_after_imports
+
+
+def time_sampler(args, sampler, net, shape, steps):
+    """Seconds per step of `sampler.sample_progressive` (the library's loop), timed over a prefix of a chain."""
+    chains = iter(range(1_000_000))
+    timed = min(args.steps_per_repeat, steps)
+
+    def run_chain_prefix(n):
+        gen = sampler.sample_progressive(net, shape, seed=next(chains), progress=False)
+        out = None
+        for _ in range(n):
+            out = next(gen)
+        out.prev_sample.asnumpy()  # waits for the queued ops
+        gen.close()
+
+    first = None
+    if args.warmup:
+        start = time.perf_counter()
+        run_chain_prefix(1)  # compiles the network
+        first = time.perf_counter() - start
+        if args.warmup > 1:
+            run_chain_prefix(min(args.warmup - 1, steps))
+    per_call = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        run_chain_prefix(timed)
+        per_call.append((time.perf_counter() - start) / timed)
+    median = statistics.median(per_call)
+    return result(median, shape[0], steps, first, per_call, steps=steps, steps_timed_per_repeat=timed,
+                  extrapolated=timed < steps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PyTorch phases
+
+
+def torch_setup(args):
+    import torch
+
+    from ms_ddpm.reference.torch_unet import Unet as TorchUnet
+
+    cfg = load_config(args)
+    if cfg.model.name != "unet":
+        raise SystemExit(f"no PyTorch reference for model {cfg.model.name!r} (only 'unet')")
+    torch.manual_seed(cfg.train.seed)
+    return cfg, torch, TorchUnet(**cfg.model.kwargs)
+
+
+def diffusion_tables(cfg, torch):
+    from ms_ddpm.losses import timestep_weights
+    from ms_ddpm.train.trainer import build_diffusion
+
+    d = build_diffusion(cfg)
+    ab = d.alphas_cumprod
+    weights = None
+    if cfg.diffusion.loss_weighting != "none":
+        w = timestep_weights(d, cfg.diffusion.loss_weighting, cfg.diffusion.p2_gamma, cfg.diffusion.p2_k,
+                             cfg.diffusion.min_snr_gamma)
+        weights = torch.tensor(w, dtype=torch.float32)
+    return d, torch.tensor(np.sqrt(ab), dtype=torch.float32), torch.tensor(np.sqrt(1 - ab), dtype=torch.float32), weights
+
+
+def phase_torch_train(args):
+    """The PyTorch U-Net trained eagerly with the config's optimizer, loss and gradient clipping."""
+    from ms_ddpm.reference.torch_unet import diffusion_loss
+
+    cfg, torch, model = torch_setup(args)
+    rss_after_imports = rss_mib()
+    d, sqrt_ab, sqrt_1m_ab, weights = diffusion_tables(cfg, torch)
+    t_cfg = cfg.train
+    if t_cfg.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=t_cfg.lr, eps=1e-8)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, eps=1e-8, weight_decay=t_cfg.weight_decay)
+    model.train()
+    rng = np.random.default_rng(t_cfg.seed)
+    shape = image_shape(cfg)
+    images = torch.from_numpy(rng.uniform(-1, 1, shape).astype(np.float32))
+    T = d.num_timesteps
+    losses = []
+
+    def step():
+        t = torch.from_numpy(rng.integers(0, T, shape[0]))
+        noise = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+        loss = diffusion_loss(model, images, t, noise, sqrt_ab, sqrt_1m_ab, cfg.diffusion.objective,
+                              cfg.diffusion.loss_type, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+
+    progress(f"PyTorch training, eager, batch {shape[0]}")
+    first, median, per_call = timed_repeats(step, args, sync=lambda: None)
+    out = {"torch_train": result(median, shape[0], 1, first, per_call, loss_finite=bool(np.isfinite(losses).all()),
+                                 optimizer=t_cfg.optimizer, loss_type=cfg.diffusion.loss_type)}
+    return out, {"torch_threads": torch.get_num_threads(), "flops_per_image_forward_torch": count_flops_torch(cfg,
+                 torch, model)}, rss_after_imports
+
+
+def count_flops_torch(cfg, torch, model):
+    """Forward FLOPs of one image according to torch.utils.flop_counter (convolutions, linear layers, matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = (1,) + image_shape(cfg)[1:]
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(shape), torch.zeros(1, dtype=torch.long))
+    return int(counter.get_total_flops())
+
+
+def phase_torch_sample(args):
+    """DDIM-50 (eta 0, the library's timesteps and x0 clipping) with the PyTorch U-Net, eager, no autograd."""
+    from ms_ddpm.samplers import spaced_timesteps
+
+    cfg, torch, model = torch_setup(args)
+    rss_after_imports = rss_mib()
+    d = diffusion_tables(cfg, torch)[0]
+    model.eval()
+    shape = image_shape(cfg)
+    timesteps = spaced_timesteps(d.num_timesteps, DDIM_STEPS, "leading")
+    ab = d.alphas_cumprod
+
+    def chain_prefix(n, seed):
+        x = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
+        with torch.inference_mode():
+            for i, t in enumerate(timesteps[:n]):
+                a_t = float(ab[t])
+                a_prev = float(ab[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
+                eps = model(x, torch.full((shape[0],), int(t), dtype=torch.long))
+                x0 = ((x - (1 - a_t) ** 0.5 * eps) / a_t**0.5).clamp(-1, 1)  # DDIM Eq. 12, eta = 0
+                x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+        return x
+
+    progress(f"PyTorch sampling, DDIM-{DDIM_STEPS}, eager, batch {shape[0]}")
+    timed = min(args.steps_per_repeat, DDIM_STEPS)
+    seeds = iter(range(1_000_000))
+    first = None
+    if args.warmup:
+        start = time.perf_counter()
+        chain_prefix(1, next(seeds))
+        first = time.perf_counter() - start
+        if args.warmup > 1:
+            chain_prefix(min(args.warmup - 1, DDIM_STEPS), next(seeds))
+    per_call = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        chain_prefix(timed, next(seeds))
+        per_call.append((time.perf_counter() - start) / timed)
+    median = statistics.median(per_call)
+    out = {"torch_sample_ddim": result(median, shape[0], DDIM_STEPS, first, per_call, steps=DDIM_STEPS,
+                                       steps_timed_per_repeat=timed, extrapolated=timed < DDIM_STEPS)}
+    return out, {"torch_threads": torch.get_num_threads()}, rss_after_imports
+
+
+PHASES = {
+    "ms_train_graph": lambda args: phase_ms_train(args, "graph"),
+    "ms_train_pynative": lambda args: phase_ms_train(args, "pynative"),
+    "ms_sample": phase_ms_sample,
+    "torch_train": phase_torch_train,
+    "torch_sample": phase_torch_sample,
+}
+
+
+def run_phase_here(args):
+    rows, extra, rss_after_imports = PHASES[args.phase](args)
+    peak = peak_rss_mib()
+    for row in rows.values():
+        if "skipped" not in row:
+            row["peak_rss_mib"] = peak
+            row["rss_after_imports_mib"] = rss_after_imports
+    with open(args.phase_out, "w", encoding="utf-8") as f:
+        json.dump({"rows": rows, "extra": extra}, f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the parent: machine description, matmul throughput, phases in subprocesses, report
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_description():
+    return {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "mindspore": version("mindspore"),
+        "torch": version("torch"),
+        "numpy": version("numpy"),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def matmul_gflops(torch=None, n=MATMUL_SIZE, repeats=5):
+    """Best float32 GFLOP/s of an n x n matmul (2 n^3 FLOPs) with NumPy, and with torch when given."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = {}
+    fns = {"numpy": lambda: a @ b}
+    if torch is not None:
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        fns["torch"] = lambda: ta @ tb
+    for name, fn in fns.items():
+        fn()
+        best = min(_time_once(fn) for _ in range(repeats))
+        out[name] = 2 * n**3 / best / 1e9
+    return out
+
+
+def _time_once(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def torch_available():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_phase_subprocess(argv, phase, workdir):
+    out = os.path.join(workdir, phase + ".json")
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--phase", phase, "--phase-out", out]
+    env = dict(os.environ)
+    env.setdefault("GLOG_v", "3")  # MindSpore: errors only, so that progress lines stay readable
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, check=False)
+    if proc.returncode != 0:
+        return None, f"phase {phase} failed with exit code {proc.returncode} (its error is printed above)"
+    with open(out, encoding="utf-8") as f:
+        data = json.load(f)
+    data["wall_s"] = time.perf_counter() - start
+    return data, None
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.phase is not None:
+        return run_phase_here(args)
+    import yaml  # only to read the config's shape early; the phases load it with ms_ddpm.config
+
+    with open(args.config, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    started = time.perf_counter()
+    command = "python " + shlex.join(["scripts/benchmark.py", *argv])
+    machine = machine_description()
+    use_torch = not args.skip_torch and torch_available()
+    notes = []
+    if args.skip_torch:
+        notes.append("PyTorch rows skipped (--skip-torch)")
+    elif not use_torch:
+        notes.append("PyTorch rows skipped: torch is not installed (pip install -e '.[dev]')")
+    elif (raw.get("model") or {}).get("name", "unet") != "unet":
+        use_torch = False
+        notes.append("PyTorch rows skipped: the PyTorch reference exists for model 'unet' only")
+
+    progress("matmul throughput (float32, %dx%d)" % (MATMUL_SIZE, MATMUL_SIZE))
+    torch_mod = None
+    if use_torch:
+        import torch as torch_mod
+    matmul = matmul_gflops(torch_mod)
+    del torch_mod
+
+    phases = ["ms_train_graph", "ms_train_pynative", "ms_sample"]
+    if use_torch:
+        phases += ["torch_train", "torch_sample"]
+    rows, extra, failed = {}, {}, False
+    with tempfile.TemporaryDirectory() as workdir:
+        for i, phase in enumerate(phases, 1):
+            progress(f"phase {i}/{len(phases)}: {phase}")
+            data, error = run_phase_subprocess(argv, phase, workdir)
+            if error:
+                notes.append(error)
+                failed = True
+                continue
+            rows.update(data["rows"])
+            extra.update(data["extra"])
+            extra[phase + "_wall_s"] = round(data["wall_s"], 1)
+    machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    report = build_report(args, command, machine, matmul, rows, extra, notes)
+    report["total_wall_s"] = time.perf_counter() - started
+    print_report(report)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 1 if failed else 0
+
+
+def build_report(args, command, machine, matmul, rows, extra, notes):
+    flops = extra.get("flops_per_image_forward")
+    flops_torch = extra.get("flops_per_image_forward_torch")
+    if flops and flops_torch and flops != flops_torch:
+        notes.append(f"FLOP counts differ: MindSpore hooks {flops}, torch FlopCounterMode {flops_torch}")
+    peak = max(matmul.values())
+    ddpm_steps = extra.get("ddpm_steps")
+    table = []
+    for key, what, _, torch_key in ROWS:
+        if key not in rows:
+            continue
+        row = dict(rows[key], key=key, what=what.format(ddpm_steps=ddpm_steps))
+        if "skipped" not in row:
+            if torch_key and torch_key in rows and "img_per_s" in rows[torch_key]:
+                row["ratio_vs_pytorch"] = row["img_per_s"] / rows[torch_key]["img_per_s"]
+            if flops:
+                per_image = flops * (3 if "train" in key else 1)
+                row["gflops_per_s"] = row["img_per_s"] * per_image / 1e9
+                row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak
+        table.append(row)
+    if any(r.get("extrapolated") for r in table):
+        notes.append("sampling img/s = batch / (median seconds per step x steps): each repeat timed the first "
+                     f"{args.steps_per_repeat} steps of a fresh chain, extrapolated to the full step count")
+    notes.append("training step = the library's TrainStep with the config's optimizer, loss scaler and gradient "
+                 "clipping, host-side t/noise draws and a loss read-back per step; data loading and EMA not timed")
+    notes.append("PyTorch training: same U-Net, batch, optimizer, loss and gradient clipping, float32, no loss scaler")
+    notes.append("peak RSS: ru_maxrss of the phase's own process: interpreter, framework, model, compilation, loop "
+                 "(the RSS right after imports is in the JSON as rss_after_imports_mib)")
+    notes.append("FLOPs: 2 x MACs of convs, dense layers and attention matmuls (norms, activations, softmax not "
+                 "counted); a training step is taken as 3 x forward")
+    return {
+        "command": command,
+        "machine": machine,
+        "settings": {"config": args.config, "batch_size": args.batch_size, "repeats": args.repeats,
+                     "warmup": args.warmup, "steps_per_repeat": args.steps_per_repeat, "ddpm_steps": ddpm_steps,
+                     "ddim_steps": DDIM_STEPS, "dpm_solver_steps": DPM_SOLVER_STEPS, "ms_threads": args.ms_threads},
+        "extra": extra,
+        "matmul_gflops_per_s": matmul,
+        "flops_per_image_forward": flops,
+        "rows": table,
+        "notes": notes,
+    }
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def print_report(r):
+    m, e = r["machine"], r["extra"]
+    print()
+    print("command: " + r["command"])
+    print(f"machine: {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, {m['platform']}")
+    print(f"versions: python {m['python']}, mindspore {m['mindspore']}, torch {m['torch'] or '-'}, numpy {m['numpy']}")
+    print(f"threads: MindSpore runtime_num_threads {e.get('runtime_num_threads', '-')}, "
+          f"torch {e.get('torch_threads', '-')}; load average at start {m['load_average_at_start']}, "
+          f"at end {m['load_average_at_end']}")
+    s = r["settings"]
+    batch = s["batch_size"] if s["batch_size"] is not None else "config's"
+    print(f"settings: batch {batch}, warmup {s['warmup']}, repeats {s['repeats']} x {s['steps_per_repeat']} steps "
+          f"(median), parameters {e.get('parameters', '-')}")
+    flops = r["flops_per_image_forward"]
+    matmul = ", ".join(f"{k} {v:.1f}" for k, v in r["matmul_gflops_per_s"].items())
+    print(f"forward FLOPs per image: {_fmt(flops and flops / 1e6, '.2f')} M "
+          f"(torch FlopCounterMode: {_fmt(e.get('flops_per_image_forward_torch') and e['flops_per_image_forward_torch'] / 1e6, '.2f')} M); "
+          f"float32 matmul {MATMUL_SIZE}^3 GFLOP/s: {matmul}")
+    print()
+    header = (f"{'what':<48} {'img/s':>9} {'vs PyTorch':>10} {'ms/step':>9} {'compile s':>9} {'GFLOP/s':>8} "
+              f"{'% matmul':>8} {'peak RSS MiB':>12}")
+    print(header)
+    print("-" * len(header))
+    for row in r["rows"]:
+        if "skipped" in row:
+            print(f"{row['what']:<48} skipped: {row['skipped']}")
+            continue
+        ratio = row.get("ratio_vs_pytorch")
+        frac = row.get("fraction_of_matmul_peak")
+        print(f"{row['what']:<48} {row['img_per_s']:>9.2f} {_fmt(ratio, '.2f'):>10} "
+              f"{row['seconds_per_step'] * 1e3:>9.1f} {_fmt(row['compile_s'], '.1f'):>9} "
+              f"{_fmt(row.get('gflops_per_s'), '.2f'):>8} {_fmt(frac and 100 * frac, '.1f'):>8} "
+              f"{row['peak_rss_mib']:>12.0f}")
+    print()
+    for note in r["notes"]:
+        print("note: " + note)
+    print(f"total wall time {r['total_wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
