@@ -17,6 +17,7 @@ setup(
         "matplotlib",
         "tqdm",
         "PyYAML",
+        "scipy",  # matrix square root of the Frechet distance
     ],
     extras_require={
         "dev": [
@@ -24,7 +25,6 @@ setup(
             # Reference implementations the tests compare against (same inputs, same weights).
             "torch==2.13.0",
             "diffusers",
-            "scipy",
         ],
     },
     entry_points={"console_scripts": ["ms-ddpm=ms_ddpm.cli:main"]},

@@ -10,17 +10,21 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, ConfigError
+from .data.fetch import DownloadError
 from .samplers import SAMPLERS
 from .train.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, CheckpointError, DownloadError, FileNotFoundError, ValueError)
 
 
 def train_main(args):
-    from .train.trainer import Trainer, TrainingError
+    from .train.distributed import init_distributed
+    from .train.trainer import Trainer, TrainingError, set_runtime
 
     cfg = Config.load(args.config, args.set)
-    trainer = Trainer(cfg)
+    set_runtime(cfg.train)  # the device must be set before a distributed init
+    rank, group_size = init_distributed()
+    trainer = Trainer(cfg, rank, group_size)
     if args.resume:
         path = trainer.resume()
         print(f"resumed from {path} at step {trainer.step}" if path else "no checkpoint to resume from: starting")
@@ -83,7 +87,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("--config", help="YAML config (configs/*.yaml); omitted: all defaults")
-    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
                    help="override config values, e.g. train.steps=200 data.root=/data/mnist")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
     p.set_defaults(func=train_main)

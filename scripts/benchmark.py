@@ -41,15 +41,15 @@ DDIM_STEPS = 50
 DPM_SOLVER_STEPS = 20
 MATMUL_SIZE = 2048
 
-# rows of the report: (key, what, phase that measures it, row of PyTorch it is compared with)
+# rows of the report: (key, what, the PyTorch row it is compared with)
 ROWS = [
-    ("ms_train_graph", "train, MindSpore GRAPH_MODE (jit TrainStep)", "ms_train_graph", "torch_train"),
-    ("ms_train_pynative", "train, MindSpore PYNATIVE_MODE", "ms_train_pynative", "torch_train"),
-    ("torch_train", "train, PyTorch eager", "torch_train", None),
-    ("ms_sample_ddpm", "sample DDPM-{ddpm_steps}, MindSpore GRAPH_MODE", "ms_sample", None),
-    ("ms_sample_ddim", f"sample DDIM-{DDIM_STEPS}, MindSpore GRAPH_MODE", "ms_sample", "torch_sample_ddim"),
-    ("ms_sample_dpm_solver", f"sample DPM-Solver-{DPM_SOLVER_STEPS}, MindSpore GRAPH_MODE", "ms_sample", None),
-    ("torch_sample_ddim", f"sample DDIM-{DDIM_STEPS}, PyTorch eager", "torch_sample", None),
+    ("ms_train_graph", "train, MindSpore GRAPH_MODE (jit TrainStep)", "torch_train"),
+    ("ms_train_pynative", "train, MindSpore PYNATIVE_MODE", "torch_train"),
+    ("torch_train", "train, PyTorch eager", None),
+    ("ms_sample_ddpm", "sample DDPM-{ddpm_steps}, MindSpore GRAPH_MODE", None),
+    ("ms_sample_ddim", f"sample DDIM-{DDIM_STEPS}, MindSpore GRAPH_MODE", "torch_sample_ddim"),
+    ("ms_sample_dpm_solver", f"sample DPM-Solver-{DPM_SOLVER_STEPS}, MindSpore GRAPH_MODE", None),
+    ("torch_sample_ddim", f"sample DDIM-{DDIM_STEPS}, PyTorch eager", None),
 ]
 
 
@@ -114,38 +114,56 @@ def image_shape(cfg):
     return (cfg.train.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
 
 
-def timed_repeats(step, args, sync):
-    """Run `warmup` untimed calls of step(), then `repeats` x `steps_per_repeat` timed ones.
+def measure(args, warm, timed, steps_per_repeat):
+    """Call warm(i) for i < args.warmup (untimed; the first call compiles), then timed() args.repeats times.
 
-    Returns (seconds of the first call, or None without warm-up; median seconds per call; all per-call figures).
-    `sync()` waits for queued work, so a repeat's clock stops when its last step has really finished.
+    `timed()` runs `steps_per_repeat` steps and must wait for their results. Returns (seconds of the first warm-up
+    call or None, median seconds per step, seconds per step of each repeat, CPU use while timing).
     """
     first = None
     for i in range(args.warmup):
         start = time.perf_counter()
-        step()
-        sync()
+        warm(i)
         if i == 0:
             first = time.perf_counter() - start
-    per_call = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        for _ in range(args.steps_per_repeat):
-            step()
-        sync()
-        per_call.append((time.perf_counter() - start) / args.steps_per_repeat)
-    return first, statistics.median(per_call), per_call
+    per_step = []
+    with CpuMeter() as cpu:
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            timed()
+            per_step.append((time.perf_counter() - start) / steps_per_repeat)
+    return first, statistics.median(per_step), per_step, cpu.value
 
 
-def result(seconds_per_step, batch, steps_per_image_batch=1, first_call=None, per_call=(), **extra):
-    """A row: img/s from the median seconds per step and how many steps one batch of images takes."""
+class CpuMeter:
+    """CPU seconds this process used per wall-clock second while timing: about the thread count on an idle
+    machine; much less means the benchmark was starved by other work on the machine."""
+
+    def __enter__(self):
+        self.cpu, self.wall = _cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.value = (_cpu_seconds() - self.cpu) / max(time.perf_counter() - self.wall, 1e-9)
+
+
+def _cpu_seconds():
+    t = os.times()
+    return t.user + t.system
+
+
+def result(measured, batch, steps_per_image_batch=1, **extra):
+    """A row from `measure`'s figures: img/s from the median seconds per step and the steps one batch of images
+    takes."""
+    first_call, seconds_per_step, per_call, cpu_use = measured
     out = {
         "img_per_s": batch / (seconds_per_step * steps_per_image_batch),
         "seconds_per_step": seconds_per_step,
         "seconds_per_step_repeats": list(per_call),
         "first_call_s": first_call,
-        # graph compilation and other one-off costs: the first call minus a steady call
+        # graph compilation and other one-off costs (allocations, kernel selection): first call minus a steady one
         "compile_s": None if first_call is None else max(first_call - seconds_per_step, 0.0),
+        "cpu_seconds_per_second": cpu_use,
     }
     out.update(extra)
     return out
@@ -195,9 +213,10 @@ def phase_ms_train(args, mode):
         losses.append(float(loss.asnumpy()))
 
     progress(f"MindSpore training, {mode} mode, batch {shape[0]}")
-    first, median, per_call = timed_repeats(step, args, sync=lambda: None)
+    measured = measure(args, lambda i: step(), lambda: [step() for _ in range(args.steps_per_repeat)],
+                       args.steps_per_repeat)
     n_params = sum(p.size for p in trainer.model.trainable_params())
-    out = {"ms_train_" + mode: result(median, shape[0], 1, first, per_call, loss_finite=bool(np.isfinite(losses).all()),
+    out = {"ms_train_" + mode: result(measured, shape[0], loss_finite=bool(np.isfinite(losses).all()),
                                       optimizer=cfg.train.optimizer, loss_type=cfg.diffusion.loss_type,
                                       amp_level=cfg.train.amp_level)}
     extra = {"parameters": int(n_params), "runtime_num_threads": threads}
@@ -278,6 +297,7 @@ def phase_ms_sample(args):
         plan.append(("ms_sample_dpm_solver", "dpm_solver", DPM_SOLVER_STEPS))
     else:
         out["ms_sample_dpm_solver"] = {"skipped": "ms_ddpm.samplers.SAMPLERS has no 'dpm_solver' yet"}
+    compiled = False
     for key, name, steps in plan:
         try:
             sampler = create_sampler(name, diffusion)
@@ -287,37 +307,27 @@ def phase_ms_sample(args):
             continue
         progress(f"MindSpore sampling, {name}, {steps} steps, batch {shape[0]}")
         out[key] = time_sampler(args, sampler, net, shape, steps)
+        if compiled:  # the samplers share the network, compiled during the first sampler's warm-up
+            out[key]["compile_s"] = None
+        compiled = compiled or bool(args.warmup)
     return out, {"runtime_num_threads": threads, "ddpm_steps": ddpm_steps}, rss_after_imports
 
 
 def time_sampler(args, sampler, net, shape, steps):
     """Seconds per step of `sampler.sample_progressive` (the library's loop), timed over a prefix of a chain."""
-    chains = iter(range(1_000_000))
+    seeds = iter(range(1_000_000))
     timed = min(args.steps_per_repeat, steps)
 
-    def run_chain_prefix(n):
-        gen = sampler.sample_progressive(net, shape, seed=next(chains), progress=False)
-        out = None
+    def chain_prefix(n):
+        gen = sampler.sample_progressive(net, shape, seed=next(seeds), progress=False)
         for _ in range(n):
             out = next(gen)
         out.prev_sample.asnumpy()  # waits for the queued ops
         gen.close()
 
-    first = None
-    if args.warmup:
-        start = time.perf_counter()
-        run_chain_prefix(1)  # compiles the network
-        first = time.perf_counter() - start
-        if args.warmup > 1:
-            run_chain_prefix(min(args.warmup - 1, steps))
-    per_call = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        run_chain_prefix(timed)
-        per_call.append((time.perf_counter() - start) / timed)
-    median = statistics.median(per_call)
-    return result(median, shape[0], steps, first, per_call, steps=steps, steps_timed_per_repeat=timed,
-                  extrapolated=timed < steps)
+    # each warm-up call is the first step of a fresh chain; the first one compiles the network
+    measured = measure(args, lambda i: chain_prefix(1), lambda: chain_prefix(timed), timed)
+    return result(measured, shape[0], steps, steps=steps, steps_timed_per_repeat=timed, extrapolated=timed < steps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -347,7 +357,8 @@ def diffusion_tables(cfg, torch):
         w = timestep_weights(d, cfg.diffusion.loss_weighting, cfg.diffusion.p2_gamma, cfg.diffusion.p2_k,
                              cfg.diffusion.min_snr_gamma)
         weights = torch.tensor(w, dtype=torch.float32)
-    return d, torch.tensor(np.sqrt(ab), dtype=torch.float32), torch.tensor(np.sqrt(1 - ab), dtype=torch.float32), weights
+    sqrt_ab = torch.tensor(np.sqrt(ab), dtype=torch.float32)
+    return d, sqrt_ab, torch.tensor(np.sqrt(1 - ab), dtype=torch.float32), weights
 
 
 def phase_torch_train(args):
@@ -382,8 +393,9 @@ def phase_torch_train(args):
         losses.append(loss.item())
 
     progress(f"PyTorch training, eager, batch {shape[0]}")
-    first, median, per_call = timed_repeats(step, args, sync=lambda: None)
-    out = {"torch_train": result(median, shape[0], 1, first, per_call, loss_finite=bool(np.isfinite(losses).all()),
+    measured = measure(args, lambda i: step(), lambda: [step() for _ in range(args.steps_per_repeat)],
+                       args.steps_per_repeat)
+    out = {"torch_train": result(measured, shape[0], loss_finite=bool(np.isfinite(losses).all()),
                                  optimizer=t_cfg.optimizer, loss_type=cfg.diffusion.loss_type)}
     return out, {"torch_threads": torch.get_num_threads(), "flops_per_image_forward_torch": count_flops_torch(cfg,
                  torch, model)}, rss_after_imports
@@ -400,6 +412,29 @@ def count_flops_torch(cfg, torch, model):
     return int(counter.get_total_flops())
 
 
+def torch_ddim(model, x, steps, timesteps, alphas_cumprod, objective, clip):
+    """Deterministic DDIM (eta 0, Song et al. Eq. 12) in PyTorch over `steps`, a prefix of the descending
+    `timesteps`, with ms_ddpm's conventions: x0_hat clipped to [-1, 1] when `clip`, eps_hat the network's own."""
+    import torch
+
+    with torch.inference_mode():
+        for i, t in enumerate(steps):
+            a_t = float(alphas_cumprod[t])
+            a_prev = float(alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
+            out = model(x, torch.full((x.shape[0],), int(t), dtype=torch.long))
+            a, s = a_t**0.5, (1 - a_t) ** 0.5
+            if objective == "eps":
+                x0, eps = (x - s * out) / a, out
+            elif objective == "v":
+                x0, eps = a * x - s * out, a * out + s * x
+            else:
+                x0, eps = out, (x - a * out) / s
+            if clip:
+                x0 = x0.clamp(-1, 1)
+            x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+    return x
+
+
 def phase_torch_sample(args):
     """DDIM-50 (eta 0, the library's timesteps and x0 clipping) with the PyTorch U-Net, eager, no autograd."""
     from ms_ddpm.samplers import spaced_timesteps
@@ -409,38 +444,19 @@ def phase_torch_sample(args):
     d = diffusion_tables(cfg, torch)[0]
     model.eval()
     shape = image_shape(cfg)
-    timesteps = spaced_timesteps(d.num_timesteps, DDIM_STEPS, "leading")
-    ab = d.alphas_cumprod
+    timesteps = spaced_timesteps(d.num_timesteps, DDIM_STEPS, "leading")  # DDIMSampler's default spacing
 
     def chain_prefix(n, seed):
         x = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
-        with torch.inference_mode():
-            for i, t in enumerate(timesteps[:n]):
-                a_t = float(ab[t])
-                a_prev = float(ab[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
-                eps = model(x, torch.full((shape[0],), int(t), dtype=torch.long))
-                x0 = ((x - (1 - a_t) ** 0.5 * eps) / a_t**0.5).clamp(-1, 1)  # DDIM Eq. 12, eta = 0
-                x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
-        return x
+        return torch_ddim(model, x, timesteps[:n], timesteps, d.alphas_cumprod, cfg.diffusion.objective,
+                          d.clip_denoised)
 
     progress(f"PyTorch sampling, DDIM-{DDIM_STEPS}, eager, batch {shape[0]}")
     timed = min(args.steps_per_repeat, DDIM_STEPS)
     seeds = iter(range(1_000_000))
-    first = None
-    if args.warmup:
-        start = time.perf_counter()
-        chain_prefix(1, next(seeds))
-        first = time.perf_counter() - start
-        if args.warmup > 1:
-            chain_prefix(min(args.warmup - 1, DDIM_STEPS), next(seeds))
-    per_call = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        chain_prefix(timed, next(seeds))
-        per_call.append((time.perf_counter() - start) / timed)
-    median = statistics.median(per_call)
-    out = {"torch_sample_ddim": result(median, shape[0], DDIM_STEPS, first, per_call, steps=DDIM_STEPS,
-                                       steps_timed_per_repeat=timed, extrapolated=timed < DDIM_STEPS)}
+    measured = measure(args, lambda i: chain_prefix(1, next(seeds)), lambda: chain_prefix(timed, next(seeds)), timed)
+    out = {"torch_sample_ddim": result(measured, shape[0], DDIM_STEPS, steps=DDIM_STEPS, steps_timed_per_repeat=timed,
+                                       extrapolated=timed < DDIM_STEPS)}
     return out, {"torch_threads": torch.get_num_threads()}, rss_after_imports
 
 
@@ -454,6 +470,10 @@ PHASES = {
 
 
 def run_phase_here(args):
+    if args.phase.startswith("torch"):
+        # torch before ms_ddpm, which imports MindSpore: MindSpore loads the system libgomp, and torch imported after
+        # it runs on that instead of its own bundled OpenMP runtime; the yardstick should be torch as users run it
+        import torch  # noqa: F401
     rows, extra, rss_after_imports = PHASES[args.phase](args)
     peak = peak_rss_mib()
     for row in rows.values():
@@ -491,6 +511,7 @@ def machine_description():
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "mindspore": version("mindspore"),
@@ -564,9 +585,11 @@ def main(argv=None):
         notes.append("PyTorch rows skipped (--skip-torch)")
     elif not use_torch:
         notes.append("PyTorch rows skipped: torch is not installed (pip install -e '.[dev]')")
-    elif (raw.get("model") or {}).get("name", "unet") != "unet":
-        use_torch = False
-        notes.append("PyTorch rows skipped: the PyTorch reference exists for model 'unet' only")
+    if (raw.get("model") or {}).get("name", "unet") != "unet":
+        notes.append("FLOPs: attention matmuls are counted for the 'unet' model only")
+        if use_torch:
+            use_torch = False
+            notes.append("PyTorch rows skipped: the PyTorch reference exists for model 'unet' only")
 
     progress("matmul throughput (float32, %dx%d)" % (MATMUL_SIZE, MATMUL_SIZE))
     torch_mod = None
@@ -609,7 +632,7 @@ def build_report(args, command, machine, matmul, rows, extra, notes):
     peak = max(matmul.values())
     ddpm_steps = extra.get("ddpm_steps")
     table = []
-    for key, what, _, torch_key in ROWS:
+    for key, what, torch_key in ROWS:
         if key not in rows:
             continue
         row = dict(rows[key], key=key, what=what.format(ddpm_steps=ddpm_steps))
@@ -629,6 +652,10 @@ def build_report(args, command, machine, matmul, rows, extra, notes):
     notes.append("PyTorch training: same U-Net, batch, optimizer, loss and gradient clipping, float32, no loss scaler")
     notes.append("peak RSS: ru_maxrss of the phase's own process: interpreter, framework, model, compilation, loop "
                  "(the RSS right after imports is in the JSON as rss_after_imports_mib)")
+    notes.append("warm-up s: first call minus a steady step: graph compilation in GRAPH_MODE (the samplers share "
+                 "one compiled network, so only the first sampler row shows it), one-off set-up costs elsewhere")
+    notes.append("CPU s/s: CPU seconds the phase used per wall second while timed; well below the thread count "
+                 "means other work on the machine competed for the cores")
     notes.append("FLOPs: 2 x MACs of convs, dense layers and attention matmuls (norms, activations, softmax not "
                  "counted); a training step is taken as 3 x forward")
     return {
@@ -653,7 +680,8 @@ def print_report(r):
     m, e = r["machine"], r["extra"]
     print()
     print("command: " + r["command"])
-    print(f"machine: {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, {m['platform']}")
+    print(f"machine: {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, "
+          f"{m['memory_gib']} GiB, {m['platform']}")
     print(f"versions: python {m['python']}, mindspore {m['mindspore']}, torch {m['torch'] or '-'}, numpy {m['numpy']}")
     print(f"threads: MindSpore runtime_num_threads {e.get('runtime_num_threads', '-')}, "
           f"torch {e.get('torch_threads', '-')}; load average at start {m['load_average_at_start']}, "
@@ -662,14 +690,14 @@ def print_report(r):
     batch = s["batch_size"] if s["batch_size"] is not None else "config's"
     print(f"settings: batch {batch}, warmup {s['warmup']}, repeats {s['repeats']} x {s['steps_per_repeat']} steps "
           f"(median), parameters {e.get('parameters', '-')}")
-    flops = r["flops_per_image_forward"]
+    flops, flops_torch = r["flops_per_image_forward"], e.get("flops_per_image_forward_torch")
     matmul = ", ".join(f"{k} {v:.1f}" for k, v in r["matmul_gflops_per_s"].items())
-    print(f"forward FLOPs per image: {_fmt(flops and flops / 1e6, '.2f')} M "
-          f"(torch FlopCounterMode: {_fmt(e.get('flops_per_image_forward_torch') and e['flops_per_image_forward_torch'] / 1e6, '.2f')} M); "
-          f"float32 matmul {MATMUL_SIZE}^3 GFLOP/s: {matmul}")
+    print(f"forward FLOPs per image: {_fmt(flops and flops / 1e6, '.2f')} M by MindSpore hooks, "
+          f"{_fmt(flops_torch and flops_torch / 1e6, '.2f')} M by torch FlopCounterMode; "
+          f"float32 {MATMUL_SIZE}x{MATMUL_SIZE} matmul GFLOP/s: {matmul}")
     print()
-    header = (f"{'what':<48} {'img/s':>9} {'vs PyTorch':>10} {'ms/step':>9} {'compile s':>9} {'GFLOP/s':>8} "
-              f"{'% matmul':>8} {'peak RSS MiB':>12}")
+    header = (f"{'what':<48} {'img/s':>9} {'vs PyTorch':>10} {'ms/step':>9} {'warm-up s':>9} {'GFLOP/s':>8} "
+              f"{'% matmul':>8} {'peak RSS MiB':>12} {'CPU s/s':>7}")
     print(header)
     print("-" * len(header))
     for row in r["rows"]:
@@ -681,7 +709,7 @@ def print_report(r):
         print(f"{row['what']:<48} {row['img_per_s']:>9.2f} {_fmt(ratio, '.2f'):>10} "
               f"{row['seconds_per_step'] * 1e3:>9.1f} {_fmt(row['compile_s'], '.1f'):>9} "
               f"{_fmt(row.get('gflops_per_s'), '.2f'):>8} {_fmt(frac and 100 * frac, '.1f'):>8} "
-              f"{row['peak_rss_mib']:>12.0f}")
+              f"{row['peak_rss_mib']:>12.0f} {row['cpu_seconds_per_second']:>7.2f}")
     print()
     for note in r["notes"]:
         print("note: " + note)

@@ -24,7 +24,7 @@ def test_benchmark_runs_on_a_tiny_config(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--config", str(config), "--repeats", "1", "--warmup", "1",
-         "--steps-per-repeat", "2", "--ddpm-steps", "20", "--json", str(out)],
+         "--steps-per-repeat", "1", "--ddpm-steps", "20", "--json", str(out)],
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -355,14 +355,14 @@ def test_download_checksum_mismatch_leaves_nothing_behind(tmp_path, server, monk
     md5s["t10k-labels-idx1-ubyte.gz"] = "0" * 32  # the last archive: the first three were fine
     monkeypatch.setitem(fetch.ARCHIVES, "mnist", md5s)
     root = tmp_path / "mnist"
-    with pytest.raises(RuntimeError, match=r"MD5 mismatch for .*t10k-labels-idx1-ubyte\.gz: expected 0{32}"):
+    with pytest.raises(fetch.DownloadError, match=r"MD5 mismatch for .*t10k-labels-idx1-ubyte\.gz: expected 0{32}"):
         create_dataset("mnist", root, download=True)
     assert os.listdir(root) == []
     with pytest.raises(FileNotFoundError, match="missing train-images-idx3-ubyte"):
         create_dataset("mnist", root)
 
     monkeypatch.setitem(fetch.MIRRORS, "mnist", server.url + "nowhere/")
-    with pytest.raises(RuntimeError, match=r"could not download .*nowhere/train-images-idx3-ubyte\.gz"):
+    with pytest.raises(fetch.DownloadError, match=r"could not download .*nowhere/train-images-idx3-ubyte\.gz"):
         create_dataset("mnist", root, download=True)
     assert os.listdir(root) == []
 
@@ -398,7 +398,7 @@ def test_download_refuses_archives_without_the_expected_files(tmp_path, server, 
     monkeypatch.setitem(fetch.MIRRORS, "cifar10", server.url + "kriz")
     monkeypatch.setitem(fetch.ARCHIVES, "cifar10", {archive.name: hashlib.md5(archive.read_bytes()).hexdigest()})
     root = tmp_path / "cifar"
-    with pytest.raises(RuntimeError, match=r"did not unpack to the expected files.*data_batch_1\.bin"):
+    with pytest.raises(fetch.DownloadError, match=r"did not unpack to the expected files.*data_batch_1\.bin"):
         create_dataset("cifar10", root, download=True)
     assert os.listdir(root) == []
 

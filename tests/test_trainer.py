@@ -172,7 +172,7 @@ params = [ms.Parameter(ms.Tensor(np.full((512, 512), i, np.float32)), name=f"w{i
 step = 0
 while True:
     step += 1
-    save_checkpoint(sys.argv[1], step, params, "model: {}", {"s": step}, keep=2)
+    save_checkpoint(sys.argv[1], step, params, "model: {}", keep=2)
     print(step, flush=True)
 """
 
@@ -188,13 +188,13 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         proc.wait()
     newest = list_checkpoints(tmp_path)[-1]
     state = load_checkpoint(newest)
-    assert state["rng_state"] == {"s": state["step"]}
+    assert state["step"] >= 3 and state["config"] == "model: {}"
     np.testing.assert_array_equal(state["w7"].asnumpy(), 7.0)
 
 
 def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     p = [ms.Parameter(ms.Tensor(np.ones(1000, np.float32)), name="w")]
-    path = save_checkpoint(tmp_path, 1, p, "model: {}", {}, keep=3)
+    path = save_checkpoint(tmp_path, 1, p, "model: {}", keep=3)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(CheckpointError, match="corrupt or truncated"):

@@ -226,7 +226,7 @@ def create_dataset(
             with fewer than batch_size images while drop_remainder is set.
         FileNotFoundError: root or the split's files are missing (and download is False), or a folder without
             images.
-        RuntimeError: a download failed or did not match its checksum.
+        DownloadError: a download failed or did not match its checksum.
     """
     check_choice("dataset", name, DATASETS)
     check_choice("split", split, SPLITS)

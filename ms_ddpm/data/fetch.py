@@ -55,6 +55,10 @@ ARCHIVES = {
 _EXTRAS = {"cifar10": ("batches.meta.txt", "readme.html")}
 
 
+class DownloadError(RuntimeError):
+    """A download that failed or did not match its checksum; the message says what to do."""
+
+
 def md5sum(path, chunk_size=1 << 20):
     """Hex MD5 digest of a file, read in chunks."""
     digest = hashlib.md5()
@@ -100,7 +104,7 @@ def download_dataset(name, root, verbose=True):
     Returns:
         root.
     Raises:
-        RuntimeError: a download failed, a checksum did not match, or the archives lacked expected files.
+        DownloadError: a download failed, a checksum did not match, or the archives lacked expected files.
     """
     check_choice("name", name, ARCHIVES)
     root = os.fspath(root)
@@ -118,13 +122,13 @@ def download_dataset(name, root, verbose=True):
             try:
                 download(url, path, kind="file", progressbar=verbose, replace=True, verbose=verbose)
             except Exception as err:  # the download package wraps every failure in a RuntimeError
-                raise RuntimeError(
+                raise DownloadError(
                     f"could not download {url}: {err}\nCheck the network (or proxy), or fetch the archives by hand "
                     f"and unpack them into {root!r}; ms_ddpm.data.fetch.MIRRORS[{name!r}] sets the base URL."
                 ) from None
             found = md5sum(path)
             if found != md5:
-                raise RuntimeError(
+                raise DownloadError(
                     f"MD5 mismatch for {url}: expected {md5}, got {found}. The download is corrupt or the mirror "
                     f"serves a different file; nothing was written to {root!r}. Try again, or use another mirror "
                     f"via ms_ddpm.data.fetch.MIRRORS[{name!r}]."
@@ -134,7 +138,7 @@ def download_dataset(name, root, verbose=True):
         problems = file_problems(name, unpacked)
         if problems:
             listed = "; ".join(message for _, message in problems)
-            raise RuntimeError(
+            raise DownloadError(
                 f"the archives from {MIRRORS[name]} passed their checksums but did not unpack to the expected "
                 f"files ({listed}); nothing was written to {root!r}."
             )

@@ -74,7 +74,8 @@ def vb_terms_bpd(diffusion, model_output, x_start, x_t, t):
 
 
 def prior_bpd(diffusion, x_start):
-    """L_T = KL(q(x_T | x_0) || N(0, I)) per image in bits/dim, shape (B,); q(x_T | x_0) = N(sqrt(ab_T) x_0, 1 - ab_T)."""
+    """L_T = KL(q(x_T | x_0) || N(0, I)) per image in bits/dim, shape (B,), q(x_T | x_0) = N(sqrt(ab_T) x_0, 1 - ab_T)
+    (Ho et al. Eq. 4)."""
     alpha_bar = float(diffusion.alphas_cumprod[-1])
     kl = normal_kl(alpha_bar**0.5 * x_start, math.log(1.0 - alpha_bar), 0.0, 0.0)
     return _mean_flat(kl) / _LOG2

@@ -41,7 +41,7 @@ import numpy as np
 from mindspore import ops
 from tqdm.auto import tqdm
 
-from ..diffusion import GaussianDiffusion, predict_eps, predict_x0
+from ..diffusion import OBJECTIVES, GaussianDiffusion, predict_eps
 from ..utils import check_choice
 from .base import TIMESTEP_SPACINGS, Sampler, SamplerOutput, spaced_timesteps
 from .ncsn import geometric_sigmas
@@ -59,7 +59,7 @@ class VPSDE:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not np.all((betas > 0) & (betas < 1)):
             raise ValueError("betas must be a 1-D array with every value in (0, 1)")
-        self.objective = objective
+        self.objective = check_choice("objective", objective, OBJECTIVES)
         self.N = len(betas)
         self.betas = betas
         self.alphas_cumprod = np.cumprod(1.0 - betas)
@@ -208,6 +208,7 @@ class ScoreSDESampler(Sampler):
     stochastic = True
 
     def __init__(self, process, timestep_spacing="linspace"):
+        # Sampler.__init__ reads the step count from a diffusion; here it comes from the SDE, which may have none
         self.sde = as_sde(process)
         # the diffusion stays available for `predicted_x0` clipping; None for SDEs given directly
         self.diffusion = process if isinstance(process, GaussianDiffusion) else None
@@ -244,11 +245,12 @@ class ScoreSDESampler(Sampler):
         )
         return ms.Tensor(coefs[:, 0]) * original_samples + ms.Tensor(coefs[:, 1]) * noise
 
-    def predicted_x0(self, model_output, sample, label):
-        """x_0 = E[x_0 | x_t] = (x_t + s^2 score) / m (Tweedie's formula), clipped when the diffusion says so."""
-        m, s = self.sde.marginal(label)
+    def denoised(self, model_output, sample, label):
+        """x0_hat = E[x_0 | x_t] = (x_t + s^2 score) / m (Tweedie's formula); with a diffusion, its `predict_x0`,
+        clipped when it says so. Reported as pred_original_sample; the updates use the unclipped score."""
         if self.diffusion is not None:
-            return super().predicted_x0(model_output, sample, self.sde.alpha_bar(label))
+            return self.predicted_x0(model_output, sample, self.sde.alpha_bar(label))
+        m, s = self.sde.marginal(label)
         return (sample + s**2 * self.sde.score(model_output, sample, label)) * (1.0 / m)
 
     def sample_progressive(self, model, shape, seed=None, x_T=None, progress=True):
@@ -281,7 +283,7 @@ class EulerMaruyamaSampler(ScoreSDESampler):
         dt = self.sde.time(timestep) - self.sde.time(nxt)
         # 2. score s(x, t) from the network output, and the implied x_0
         score = self.sde.score(model_output, sample, timestep)
-        x0_hat = self.predicted_x0(model_output, sample, timestep)
+        x0_hat = self.denoised(model_output, sample, timestep)
         # 3. reverse drift f(t) x - g(t)^2 s (Eq. 6), one Euler step back in time
         f, g2 = self.sde.coefficients(timestep)
         prev_sample = (1.0 - f * dt) * sample + (g2 * dt) * score
@@ -339,7 +341,7 @@ class PredictorCorrectorSampler(ScoreSDESampler):
                              "(call set_timesteps to restart)")
         self._step_index += 1
         score = self.sde.score(model_output, sample, timestep)
-        x0_hat = self.predicted_x0(model_output, sample, timestep)
+        x0_hat = self.denoised(model_output, sample, timestep)
         noise = ops.randn_like(sample) if noise is None else noise
         if j < self.corrector_steps:
             # 2. Langevin corrector: step size from the target signal-to-noise ratio (Algorithm 5, line 5)
@@ -387,7 +389,7 @@ class ProbabilityFlowSampler(ScoreSDESampler):
             raise ValueError(f"step called out of order: call {k} got timestep {timestep} "
                              "(call set_timesteps to restart)")
         self._step_index += 1
-        x0_hat = self.predicted_x0(model_output, sample, timestep)
+        x0_hat = self.denoised(model_output, sample, timestep)
         derivative = self.drift(model_output, sample, timestep)
         if k % 2 == 0:
             # 1. Euler predictor from grid[k/2] to the next label (or, last, onto the data)

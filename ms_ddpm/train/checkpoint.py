@@ -1,10 +1,10 @@
 """Checkpoints: every piece of training state in one MindSpore .ckpt, written atomically, newest K kept.
 
 A checkpoint holds the model weights (their own names), the EMA weights ("ema.*"), the optimizer state (its
-moment Parameters and step), the loss-scaler state, and, as appended strings, the step, the resolved config (YAML)
-and the host RNG state (JSON), so `--resume` continues bit for bit and sampling needs nothing else.
+moment Parameters and step), the loss-scaler state, and, as appended strings, the step and the resolved config
+(YAML), so `--resume` continues bit for bit and sampling needs nothing else. (The host random state needs no
+entry: the trainer derives it from the seed, the rank and the step.)
 """
-import json
 import os
 import re
 from pathlib import Path
@@ -31,12 +31,12 @@ def list_checkpoints(output_dir):
     return [path for _, path in sorted(found)]
 
 
-def save_checkpoint(output_dir, step, parameters, config_yaml, rng_state, keep=3):
+def save_checkpoint(output_dir, step, parameters, config_yaml, keep=3):
     """Write ckpt_<step>.ckpt atomically: to a temporary file first, then renamed over, so a crash during the write
     leaves the previous checkpoints untouched. Keeps the newest `keep` checkpoints."""
     path = checkpoint_path(output_dir, step)
     tmp = path.with_suffix(".tmp.ckpt")  # MindSpore appends ".ckpt" to names without it
-    extra = {"step": str(step), "config": config_yaml, "rng_state": json.dumps(rng_state)}
+    extra = {"step": str(step), "config": config_yaml}
     ms.save_checkpoint([{"name": p.name, "data": p} for p in parameters], str(tmp), append_dict=extra, crc_check=True)
     os.replace(tmp, path)  # atomic on POSIX and Windows
     for old in list_checkpoints(output_dir)[:-keep]:
@@ -45,7 +45,7 @@ def save_checkpoint(output_dir, step, parameters, config_yaml, rng_state, keep=3
 
 
 def load_checkpoint(path):
-    """Read a checkpoint into a dict name -> Parameter (plus "step", "config", "rng_state" as Python values)."""
+    """Read a checkpoint into a dict name -> Parameter (plus "step" and "config" as Python values)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -56,10 +56,9 @@ def load_checkpoint(path):
             f"checkpoint {path} is corrupt or truncated ({type(err).__name__}); delete it to resume from the one "
             "before it"
         ) from None
-    missing = [k for k in ("step", "config", "rng_state") if k not in raw]
+    missing = [k for k in ("step", "config") if k not in raw]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}: it was not written by ms_ddpm's trainer")
     raw["step"] = int(str(raw["step"]))
     raw["config"] = str(raw["config"])
-    raw["rng_state"] = json.loads(str(raw["rng_state"]))
     return raw

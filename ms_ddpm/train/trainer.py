@@ -1,12 +1,15 @@
 """The training loop: config -> data -> model -> diffusion loss -> compiled step -> EMA -> logs, grids, checkpoints.
 
-Reproducibility: weights come from `ms.set_seed(seed)`; timesteps and noise from one host NumPy generator whose
-state is checkpointed; the data order of epoch e from the dataset seed `seed + e`. A run resumed from a checkpoint
-therefore continues exactly as the uninterrupted run would (tested), except for dropout masks and random flips,
-whose MindSpore-side generator state is not exposed.
+Reproducibility: weights come from `ms.set_seed(seed)`; the timesteps and noise of optimizer step s, micro-batch m
+on rank r from the NumPy generator seeded with (seed, r, s, m); the data order of epoch e from the dataset seed
+`seed + e`. The random state is thus a function of (seed, rank, step), all in the checkpoint, and a resumed run
+continues exactly as the uninterrupted run would (tested) on every rank, except for dropout masks and random
+flips, whose MindSpore-side generator state is not exposed.
 """
+import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -110,7 +113,6 @@ class Trainer:
             raise ConfigError("train.steps, train.batch_size and train.grad_accumulation must be >= 1")
         self.output_dir = Path(t.output_dir)
         ms.set_seed(t.seed)
-        self.rng = np.random.default_rng([t.seed, rank])
         self.diffusion = build_diffusion(cfg)
         self.model = build_model(cfg)
         if t.amp_level != "O0":
@@ -123,11 +125,24 @@ class Trainer:
         reducer = None
         if group_size > 1:
             reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=group_size)
+        if group_size > 1 and cfg.data.download:
+            self._download_on_rank0()
         self.step_fn = TrainStep(self.loss_fn, self.optimizer, build_loss_scaler(t), t.grad_clip,
                                  t.grad_accumulation, reducer, jit=t.mode == "graph")
         self.ema = EMA(self.model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
         self.step = 0
         self.log_path = self.output_dir / "train_log.jsonl"
+
+    def _download_on_rank0(self):
+        """Rank 0 fetches a missing data set while the others wait, so no two ranks write the same files."""
+        from mindspore.communication.comm_func import barrier
+
+        from ..data import download_dataset
+
+        c = self.cfg.data
+        if self.rank == 0:
+            download_dataset(c.name, c.root)
+        barrier()
 
     # --- state -------------------------------------------------------------------------------------------------
     def state_parameters(self):
@@ -138,7 +153,7 @@ class Trainer:
 
     def save(self):
         return save_checkpoint(self.output_dir, self.step, self.state_parameters(), self.cfg.to_yaml(),
-                               self.rng.bit_generator.state, self.cfg.train.keep_checkpoints)
+                               self.cfg.train.keep_checkpoints)
 
     def resume(self):
         """Restore the newest checkpoint in output_dir, if any; returns its path or None."""
@@ -152,7 +167,6 @@ class Trainer:
             raise ConfigError(f"checkpoint {checkpoints[-1]} lacks {missing[:5]}...: it is from a different setup")
         for p in self.state_parameters():
             p.set_data(state[p.name].value().astype(p.dtype))
-        self.rng.bit_generator.state = state["rng_state"]
         self.step = state["step"]
         return checkpoints[-1]
 
@@ -165,7 +179,7 @@ class Trainer:
         epoch, skip = None, 0
         while True:
             ds = create_dataset(c.name, c.root, "train", c.image_size, c.channels, t.batch_size, shuffle=True,
-                                random_flip=c.random_flip, download=c.download and self.rank == 0,
+                                random_flip=c.random_flip, download=c.download,
                                 seed=t.seed + (epoch or 0), num_parallel_workers=c.num_parallel_workers, **shards)
             if epoch is None:  # first pass: find the epoch and batch where self.step left off
                 per_epoch = ds.get_dataset_size()
@@ -182,6 +196,13 @@ class Trainer:
         if self.rank == 0:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def weights_digest(self):
+        """SHA-256 of the model weights: equal on every data-parallel rank when they are in sync."""
+        h = hashlib.sha256()
+        for p in self.model.trainable_params():
+            h.update(p.asnumpy().tobytes())
+        return h.hexdigest()[:16]
 
     def sample_grid(self, path):
         """A grid of samples from the EMA weights (or the raw weights without EMA)."""
@@ -205,6 +226,11 @@ class Trainer:
         global_batch = t.batch_size * t.grad_accumulation * self.group_size
         self.log({"event": "start", "step": self.step, "global_batch_size": global_batch, "lr": t.lr,
                   "devices": self.group_size})
+        if self.group_size > 1:
+            print(f"rank {self.rank} of {self.group_size}: pid {os.getpid()}, starting at step {self.step}", flush=True)
+        if self.rank == 0:
+            print(f"rank 0 of {self.group_size}: global batch {global_batch} = {t.batch_size} per device x "
+                  f"{self.group_size} devices x {t.grad_accumulation} accumulation; peak lr {t.lr:g}", flush=True)
         self.model.set_train(True)
         T = self.diffusion.num_timesteps
         nonfinite, loss, last_time, last_step = 0, float("nan"), time.perf_counter(), self.step
@@ -213,9 +239,9 @@ class Trainer:
         while self.step < until:
             for micro in range(t.grad_accumulation):
                 images = next(data)
-                b = images.shape[0]
-                ts = ms.Tensor(self.rng.integers(0, T, b).astype(np.int32))
-                noise = ms.Tensor(self.rng.standard_normal(images.shape, dtype=np.float32))
+                rng = np.random.default_rng([t.seed, self.rank, self.step, micro])
+                ts = ms.Tensor(rng.integers(0, T, images.shape[0]).astype(np.int32))
+                noise = ms.Tensor(rng.standard_normal(images.shape, dtype=np.float32))
                 loss_t, finite, norm = self.step_fn(ms.Tensor(images), ts, noise, micro == t.grad_accumulation - 1)
             loss, finite = float(loss_t.asnumpy()), bool(finite.asnumpy())
             nonfinite = 0 if finite and math.isfinite(loss) else nonfinite + 1
@@ -241,4 +267,6 @@ class Trainer:
             if self.rank == 0 and t.sample_every and (self.step % t.sample_every == 0 or self.step == until):
                 self.sample_grid(self.output_dir / f"samples_{self.step:08d}.png")
         bar.close()
+        if self.group_size > 1:
+            print(f"rank {self.rank}: finished step {self.step}, weights digest {self.weights_digest()}", flush=True)
         return loss
