@@ -25,6 +25,10 @@ setup(
             # Reference implementations the tests compare against (same inputs, same weights).
             "torch==2.13.0",
             "diffusers",
+            # The tutorials run top to bottom in the test suite.
+            "nbclient",
+            "nbformat",
+            "ipykernel",
         ],
     },
     entry_points={"console_scripts": ["ms-ddpm=ms_ddpm.cli:main"]},

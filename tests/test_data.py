@@ -7,7 +7,6 @@ import os
 import struct
 import tarfile
 import threading
-from pathlib import Path
 
 import mindspore as ms
 import numpy as np

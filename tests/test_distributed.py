@@ -161,4 +161,4 @@ def test_killed_worker_fails_the_job_and_resume_continues(tmp_path):
     step = int(last.stem.split("_")[1])
     result = launch(tmp_path, config, "--", "--resume", "--set", f"train.steps={step + 5}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"rank 1 of 2: pid" in worker_log(tmp_path, 1) and f"starting at step {step}" in worker_log(tmp_path, 1)
+    assert "rank 1 of 2: pid" in worker_log(tmp_path, 1) and f"starting at step {step}" in worker_log(tmp_path, 1)

@@ -55,6 +55,8 @@ class Sampler:
 
     #: whether `step` uses fresh noise (the loop then draws it from its seeded generator)
     stochastic = True
+    #: standard deviation of x_T ~ N(0, init_noise_sigma^2 I): 1 for VP chains, sigma_max for VE / NCSN
+    init_noise_sigma = 1.0
 
     def __init__(self, diffusion, timestep_spacing="leading"):
         self.diffusion = diffusion
@@ -100,7 +102,10 @@ class Sampler:
             progress: show a tqdm progress bar.
         """
         rng = np.random.default_rng(seed)
-        x = ms.Tensor(rng.standard_normal(shape, dtype=np.float32)) if x_T is None else x_T
+        if x_T is None:
+            x_T = ms.Tensor(rng.standard_normal(shape, dtype=np.float32) * np.float32(self.init_noise_sigma))
+        x = x_T
+        self._step_index = 0  # samplers whose step depends on the call order (PC, Heun, multistep) count calls
         for timestep in tqdm(self.timesteps, desc=type(self).__name__, disable=not progress, leave=False):
             t = ms.Tensor(np.full((shape[0],), timestep, dtype=np.int32))
             noise = ms.Tensor(rng.standard_normal(shape, dtype=np.float32)) if self.stochastic else None

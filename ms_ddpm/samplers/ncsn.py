@@ -121,11 +121,3 @@ class AnnealedLangevinSampler(Sampler):
         prev_sample = sample + (alpha / 2) * model_output + float(np.sqrt(alpha)) * noise
         return SamplerOutput(prev_sample, x0_hat)
 
-    def sample_progressive(self, model, shape, seed=None, x_T=None, progress=True):
-        """As `Sampler.sample_progressive`, with x_T ~ N(0, sigma_1^2 I) and the call counter reset."""
-        self._step_index = 0
-        rng = np.random.default_rng(seed)
-        if x_T is None:
-            x_T = ms.Tensor(rng.standard_normal(shape, dtype=np.float32) * np.float32(self.init_noise_sigma))
-        # passing the Generator on continues its stream: the noise draws follow x_T exactly as in the base loop
-        yield from super().sample_progressive(model, shape, seed=rng, x_T=x_T, progress=progress)

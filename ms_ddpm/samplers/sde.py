@@ -253,15 +253,6 @@ class ScoreSDESampler(Sampler):
         m, s = self.sde.marginal(label)
         return (sample + s**2 * self.sde.score(model_output, sample, label)) * (1.0 / m)
 
-    def sample_progressive(self, model, shape, seed=None, x_T=None, progress=True):
-        """As `Sampler.sample_progressive`, with x_T ~ N(0, init_noise_sigma^2 I) and any per-call state reset."""
-        self._step_index = 0
-        rng = np.random.default_rng(seed)
-        if x_T is None:
-            x_T = ms.Tensor(rng.standard_normal(shape, dtype=np.float32) * np.float32(self.init_noise_sigma))
-        # passing the Generator on continues its stream: the noise draws follow x_T exactly as in the base loop
-        yield from super().sample_progressive(model, shape, seed=rng, x_T=x_T, progress=progress)
-
     def _position(self, timestep):
         """Index of `timestep` in the grid (for samplers with one call per label)."""
         return int(np.flatnonzero(self.grid == timestep)[0])
