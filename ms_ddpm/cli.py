@@ -1,9 +1,11 @@
-"""Command line: `ms-ddpm train` and `ms-ddpm sample`.
+"""Command line: `ms-ddpm train`, `ms-ddpm sample` and `ms-ddpm evaluate`.
 
 Errors a user can fix (bad config, missing data, damaged checkpoint, diverging loss) end with one line on stderr
 and exit status 2, not a traceback.
 """
 import argparse
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from .config import Config, ConfigError
 from .data.fetch import DownloadError
-from .samplers import SAMPLERS
+from .samplers import DIFFUSION_SAMPLERS
 from .train.checkpoint import CheckpointError
 
 USER_ERRORS = (ConfigError, CheckpointError, DownloadError, FileNotFoundError, ValueError)
@@ -36,30 +38,14 @@ def train_main(args):
 
 
 def sample_main(args):
-    import mindspore as ms
-
-    from .train.checkpoint import load_checkpoint
-    from .train.trainer import build_diffusion, build_model, set_runtime
     from .samplers import create_sampler
+    from .train.trainer import load_trained_model
     from .visualize import save_denoising_animation, save_image_grid
 
-    state = load_checkpoint(args.ckpt)
-    import yaml
-
-    cfg = Config.from_dict(yaml.safe_load(state["config"]))
-    cfg.train.mode = args.mode
-    cfg.train.device = args.device
-    set_runtime(cfg.train)
-    net = build_model(cfg)
-    prefix = "" if args.no_ema else "ema."
-    weights = {p.name: state[prefix + p.name] for p in net.trainable_params() if prefix + p.name in state}
-    if len(weights) != len(net.trainable_params()):
-        raise CheckpointError(f"{args.ckpt} has no {'EMA ' if prefix else ''}weights for every parameter"
-                              + ("; try --no-ema" if prefix else ""))
-    ms.load_param_into_net(net, {k: ms.Parameter(v.value(), name=k) for k, v in weights.items()}, strict_load=True)
-    net.set_train(False)
+    cfg, net, diffusion, step, weights = load_trained_model(args.ckpt, args.mode, args.device, not args.no_ema)
+    print(f"{args.ckpt}: step {step}, {weights} weights")
     kwargs = {"eta": args.eta} if args.sampler == "ddim" else {}
-    sampler = create_sampler(args.sampler, build_diffusion(cfg), **kwargs)
+    sampler = create_sampler(args.sampler, diffusion, **kwargs)
     sampler.set_timesteps(args.steps or cfg.diffusion.num_timesteps)
     c = cfg.data
     out = Path(args.out)
@@ -82,6 +68,30 @@ def sample_main(args):
           + (f" and {out / 'denoising.gif'}" if args.gif else ""))
 
 
+def evaluate_main(args):
+    from .metrics.evaluate import evaluate, format_report, machine_description, real_floor
+
+    common = dict(num=args.num, batch_size=args.batch_size, seed=args.seed, feature_ckpt=args.features,
+                  data_root=args.data_root, mode=args.mode, device=args.device)
+    if args.real_floor:
+        if args.bpd_batches:
+            raise ValueError("--real-floor compares real images only: drop --bpd-batches")
+        result = real_floor(args.ckpt, **common)
+    else:
+        result = evaluate(args.ckpt, args.sampler, args.steps, bpd_batches=args.bpd_batches, **common)
+    # the command with every option spelled out, defaults included, so the numbers can be reproduced
+    options = [(k, v) for k, v in vars(args).items() if k not in ("command", "func") and v not in (None, False)]
+    result["command"] = shlex.join(["ms-ddpm", "evaluate"] + [
+        item for k, v in options for item in (["--" + k.replace("_", "-")] + ([] if v is True else [str(v)]))])
+    result["machine"] = machine_description()
+    for line in format_report(result):
+        print(line)
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="ms-ddpm", description="Train and sample DDPMs with MindSpore.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,19 +103,37 @@ def build_parser():
     p.set_defaults(func=train_main)
     p = sub.add_parser("sample", help="draw samples from a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint written by `ms-ddpm train`")
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS))
+    p.add_argument("--sampler", default="ddim", choices=list(DIFFUSION_SAMPLERS))
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all training timesteps)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--grid", type=int, default=64, help="samples shown in the PNG grid")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even when the checkpoint has EMA weights")
     p.add_argument("--gif", action="store_true", help="also write the denoising animation of the first batch")
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
     p.add_argument("--device", default="CPU", choices=["CPU", "GPU", "Ascend"])
     p.add_argument("--out", default="samples", help="output folder")
     p.set_defaults(func=sample_main)
+    p = sub.add_parser("evaluate", help="FD, KID, bits/dim and samples/s of a checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `ms-ddpm train`")
+    p.add_argument("--sampler", default="ddim", help=f"one of {list(DIFFUSION_SAMPLERS)} (DDIM with eta 0)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all training timesteps)")
+    p.add_argument("--num", type=int, default=1000, help="number of samples (and of real images for --real-floor)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--features", default=None, help="classifier checkpoint of scripts/train_classifier.py; "
+                   "without it FD and KID are computed on raw pixels (not comparable to FID)")
+    p.add_argument("--data-root", default=None, help="folder of the real data (default: the checkpoint's data.root)")
+    p.add_argument("--bpd-batches", type=int, default=0,
+                   help="test batches for bits/dim (each costs T network evaluations); 0 skips it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real-floor", action="store_true",
+                   help="instead of sampling: FD / KID of --num real train images vs the test split, for scale")
+    p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
+    p.add_argument("--device", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    p.add_argument("--json", default=None, help="also write the results (and the machine) to this JSON file")
+    p.set_defaults(func=evaluate_main)
     return parser
 
 

@@ -1,6 +1,9 @@
 """Evaluation: distances between feature statistics (FID, KID) and likelihood in bits per dimension."""
+from .evaluate import evaluate, real_floor
+from .features import MNISTClassifier, load_feature_extractor, save_feature_extractor
 from .frechet import feature_statistics, frechet_distance, kernel_distance
 from .likelihood import (calc_bpd_loop, discretized_gaussian_log_likelihood, normal_kl, prior_bpd, vb_terms_bpd)
 
 __all__ = ["feature_statistics", "frechet_distance", "kernel_distance", "calc_bpd_loop",
-           "discretized_gaussian_log_likelihood", "normal_kl", "prior_bpd", "vb_terms_bpd"]
+           "discretized_gaussian_log_likelihood", "normal_kl", "prior_bpd", "vb_terms_bpd",
+           "MNISTClassifier", "load_feature_extractor", "save_feature_extractor", "evaluate", "real_floor"]

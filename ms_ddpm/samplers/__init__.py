@@ -19,6 +19,9 @@ SAMPLERS.update({
     "ald": AnnealedLangevinSampler,
 })
 
+# the samplers a model trained with GaussianDiffusion drives ("ald" needs an NCSN's noise levels instead)
+DIFFUSION_SAMPLERS = tuple(name for name in SAMPLERS if name != "ald")
+
 
 def create_sampler(name, diffusion, **kwargs):
     """Build a sampler by name (one of SAMPLERS) for `diffusion` (for "ald": the noise levels); kwargs go to its
@@ -26,6 +29,7 @@ def create_sampler(name, diffusion, **kwargs):
     return SAMPLERS[check_choice("sampler", name, SAMPLERS)](diffusion, **kwargs)
 
 
-__all__ = ["Sampler", "SamplerOutput", "spaced_timesteps", "DDPMSampler", "DDIMSampler", "SAMPLERS", "create_sampler",
+__all__ = ["Sampler", "SamplerOutput", "spaced_timesteps", "DDPMSampler", "DDIMSampler", "SAMPLERS", "DIFFUSION_SAMPLERS",
+           "create_sampler",
            "DPMSolverSampler", "EulerMaruyamaSampler", "PredictorCorrectorSampler", "ProbabilityFlowSampler",
            "ScoreSDESampler", "VPSDE", "SubVPSDE", "VESDE", "AnnealedLangevinSampler", "NCSNLoss", "geometric_sigmas"]

@@ -28,7 +28,7 @@ from ..samplers import create_sampler
 from ..schedules import get_beta_schedule
 from ..utils import check_choice
 from ..visualize import save_image_grid
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import EMA
 from .lr_schedule import warmup_cosine_lr
 from .step import TrainStep
@@ -68,6 +68,28 @@ def build_diffusion(cfg):
 def build_model(cfg):
     """The network of `cfg.model`, in float32 (mixed precision is applied by the trainer)."""
     return create_model(cfg.model.name, **cfg.model.kwargs)
+
+
+def load_trained_model(path, mode="graph", device="CPU", use_ema=True):
+    """Rebuild a trained network from a checkpoint alone (its stored config), for sampling and evaluation.
+
+    Returns (config, network in inference mode, GaussianDiffusion, step, "ema" or "raw"): the EMA weights when
+    `use_ema` and the checkpoint has them, else the raw weights.
+    """
+    state = load_checkpoint(path)
+    cfg = Config.from_dict(yaml.safe_load(state["config"]))
+    cfg.train.mode, cfg.train.device = mode, device
+    set_runtime(cfg.train)
+    net = build_model(cfg)
+    names = [p.name for p in net.trainable_params()]
+    kind = "ema" if use_ema and all("ema." + n in state for n in names) else "raw"
+    prefix = "ema." if kind == "ema" else ""
+    missing = [n for n in names if prefix + n not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks weights for {missing[:3]}...: it does not match its own config")
+    ms.load_param_into_net(net, {n: ms.Parameter(state[prefix + n].value(), name=n) for n in names}, strict_load=True)
+    net.set_train(False)
+    return cfg, net, build_diffusion(cfg), state["step"], kind
 
 
 def build_loss_scaler(t):
@@ -208,8 +230,11 @@ class Trainer:
         """A grid of samples from the EMA weights (or the raw weights without EMA)."""
         t, c = self.cfg.train, self.cfg.data
         net = build_model(self.cfg)
-        (self.ema.copy_to(net) if self.ema is not None else
-         ms.load_param_into_net(net, {p.name: p for p in self.model.trainable_params()}))
+        if self.ema is not None:
+            self.ema.copy_to(net)
+        else:
+            for src, dst in zip(self.model.trainable_params(), net.trainable_params()):
+                dst.set_data(src.value().copy())
         net.set_train(False)
         sampler = create_sampler(t.sampler, self.diffusion)
         sampler.set_timesteps(t.sample_steps)

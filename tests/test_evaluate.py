@@ -1,0 +1,150 @@
+"""`ms-ddpm evaluate`: the feature-classifier checkpoint round trip, the CLI's numbers, the real-data floor and its
+one-line errors, on a 2-step model of 8x8 mnist5k digits."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from ms_ddpm.cli import main as cli_main
+from ms_ddpm.metrics.features import MNISTClassifier, load_feature_extractor, save_feature_extractor
+from ms_ddpm.train.checkpoint import CheckpointError
+from tests.helpers import MNIST5K
+from tests.test_trainer import tiny_config
+
+SMALL_CLASSIFIER = {"widths": (4, 8, 8), "feature_dim": 16, "groups": 4}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-step tiny model and an untrained small classifier (what matters here is the plumbing, not its weights)."""
+    if not MNIST5K.is_dir():
+        pytest.skip(f"the mnist5k data set is not at {MNIST5K}")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    root = tmp_path_factory.mktemp("evaluate")
+    cfg = tiny_config(root / "run", steps=2, save_every=2, mode="pynative")
+    config_file = root / "tiny.yaml"
+    config_file.write_text(cfg.to_yaml())
+    assert cli_main(["train", "--config", str(config_file)]) == 0
+    ms.set_seed(0)
+    classifier = save_feature_extractor(MNISTClassifier(**SMALL_CLASSIFIER), root / "classifier.ckpt",
+                                        {"test_accuracy": "0.1"})
+    return {"root": root, "ckpt": root / "run" / "ckpt_00000002.ckpt", "classifier": classifier}
+
+
+def run_cli(capsys, *argv):
+    code = cli_main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_feature_extractor_round_trip_and_refusals(run, tmp_path):
+    net = load_feature_extractor(run["classifier"])
+    assert net.config == {"channels": 1, "widths": [4, 8, 8], "feature_dim": 16, "num_classes": 10, "groups": 4}
+    assert net.checkpoint_info["test_accuracy"] == "0.1"
+    ms.set_seed(0)
+    original = MNISTClassifier(**SMALL_CLASSIFIER)
+    original.set_train(False)
+    x = ms.Tensor(np.random.default_rng(0).uniform(-1, 1, (3, 1, 8, 8)).astype(np.float32))  # resized to 28x28
+    np.testing.assert_array_equal(net.features(x).asnumpy(), original.features(x).asnumpy())
+    assert net.features(x).shape == (3, 16) and net(x).shape == (3, 10)
+
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(run["classifier"].read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_feature_extractor(broken)
+    with pytest.raises(CheckpointError, match="not a feature-extractor checkpoint"):
+        load_feature_extractor(run["ckpt"])  # a diffusion checkpoint
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_feature_extractor(tmp_path / "missing.ckpt")
+
+
+def test_evaluate_prints_finite_numbers_and_the_floor_is_below_the_model(run, capsys):
+    out_json = run["root"] / "eval.json"
+    code, out, err = run_cli(capsys, "evaluate", "--ckpt", run["ckpt"], "--sampler", "ddim", "--steps", 3,
+                             "--num", 16, "--batch-size", 8, "--bpd-batches", 1, "--features", run["classifier"],
+                             "--mode", "graph", "--json", out_json)  # the bound's 100 calls: 0.5 s each op by op
+    assert code == 0, err
+    lines = {line.split(":", 1)[0]: line for line in out.splitlines()}
+    assert set(lines) == {"FD", "KID", "bits/dim", "samples/s", "machine", "command"}, out
+    assert "--ckpt" in lines["command"] and "--bpd-batches 1" in lines["command"]
+    result = json.loads(out_json.read_text())
+    assert result["features"] == "classifier" and result["feature_dim"] == 16 and result["weights"] == "ema"
+    assert result["num"] == 16 and result["num_real"] == 1000 and result["bpd_images"] == 8
+    assert result["network_evaluations_per_sample"] == 3 and result["checkpoint_step"] == 2
+    for key in ("fd", "bits_per_dim", "samples_per_s", "sampling_s", "warmup_s"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert math.isfinite(result["kid"])
+    # the bound of an almost untrained model: far above a good model's ~1 bit/dim, below the 8 bits of raw storage
+    # plus the prior term's slack
+    assert 1.0 < result["bits_per_dim"] < 20.0
+
+    code, out, err = run_cli(capsys, "evaluate", "--ckpt", run["ckpt"], "--num", 16, "--batch-size", 8,
+                             "--features", run["classifier"], "--mode", "graph", "--real-floor",
+                             "--json", out_json)
+    assert code == 0, err
+    floor = json.loads(out_json.read_text())
+    assert floor["real_floor"] and "samples/s" not in out and "bits/dim" not in out
+    assert 0 < floor["fd"] < result["fd"], (floor["fd"], result["fd"])
+    assert floor["kid"] < result["kid"]
+
+
+def test_pixel_space_is_announced_and_both_modes_agree(run, capsys):
+    fds = []
+    for mode in ("pynative", "graph"):
+        out_json = run["root"] / f"pixels_{mode}.json"
+        code, out, err = run_cli(capsys, "evaluate", "--ckpt", run["ckpt"], "--steps", 1, "--num", 4,
+                                 "--batch-size", 3, "--mode", mode, "--json", out_json)  # batches of 3 and 1
+        assert code == 0, err
+        assert "pixel-space FD, not comparable to FID" in err and "pixel-space FD, not comparable to FID" in out
+        assert "raw pixels, 64-d" in out and "bits/dim" not in out
+        fds.append(json.loads(out_json.read_text())["fd"])
+    assert fds[0] == pytest.approx(fds[1], rel=1e-4)
+
+
+@pytest.mark.parametrize("case", ["missing ckpt", "missing features", "unknown sampler", "ald", "num 1",
+                                  "missing data"])
+def test_bad_inputs_end_with_one_line_and_status_2(run, capsys, case):
+    args = {"--ckpt": run["ckpt"], "--num": 4, "--steps": 2, "--mode": "pynative"}
+    expected = {"missing ckpt": "does not exist", "missing features": "does not exist",
+                "unknown sampler": "sampler must be one of", "ald": "not a diffusion",
+                "num 1": "num must be an integer >= 2", "missing data": "not found"}[case]
+    if case == "missing ckpt":
+        args["--ckpt"] = run["root"] / "nope.ckpt"
+    elif case == "missing features":
+        args["--features"] = run["root"] / "no_classifier.ckpt"
+    elif case == "unknown sampler":
+        args["--sampler"] = "heun"
+    elif case == "ald":
+        args["--sampler"] = "ald"
+    elif case == "num 1":
+        args["--num"] = 1
+    else:
+        args["--data-root"] = run["root"] / "no_data"
+    code, out, err = run_cli(capsys, "evaluate", *[x for kv in args.items() for x in kv])
+    assert code == 2
+    assert err.startswith("ms-ddpm evaluate: error: ") and err.count("\n") == 1 and expected in err, err
+    assert "Traceback" not in err and out == ""
+
+
+@pytest.mark.slow
+def test_train_classifier_script_writes_a_loadable_checkpoint(tmp_path):
+    """The script end to end on 200 digits for one epoch (graph mode: compiling the step dominates)."""
+    if not MNIST5K.is_dir():
+        pytest.skip(f"the mnist5k data set is not at {MNIST5K}")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_classifier.py"
+    out = tmp_path / "classifier.ckpt"
+    proc = subprocess.run([sys.executable, str(script), "--data", str(MNIST5K), "--out", str(out), "--epochs", "1",
+                           "--train-images", "200"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test accuracy" in proc.stdout and "on 1000 test digits" in proc.stdout
+    net = load_feature_extractor(out)
+    assert net.feature_dim == 128 and 0 <= float(net.checkpoint_info["test_accuracy"]) <= 1
+    assert float(net.feature_scale.asnumpy()) != 1.0  # calibrated
+    proc = subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "nowhere"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "train_classifier: error: MNIST train split unusable" in proc.stderr
