@@ -9,8 +9,8 @@ What one run measures (each phase in its own subprocess, so that its peak RSS is
     `Trainer.train`; data loading and the EMA update are not;
   - sampling img/s in GRAPH_MODE (network compiled) for DDPM (`--ddpm-steps`, default T), DDIM-50 and, when the
     library has it, DPM-Solver-20: seconds per sampling step, timed over `--steps-per-repeat` steps of a chain and
-    multiplied by the step count (a sampling step costs the same at every t, so timing a prefix of the chain and
-    extrapolating is exact up to noise; the output says so);
+    multiplied by the step count (a sampling step costs about the same at every t: one network call plus the update;
+    the output says when it extrapolated);
   - the same U-Net in PyTorch eager (`ms_ddpm.reference.torch_unet`, same shapes, batch, optimizer and loss):
     training and DDIM-50 sampling img/s, and the ratios MindSpore / PyTorch;
   - forward FLOPs per image (2 x multiply-accumulates of convolutions, dense layers and attention matmuls;
@@ -65,8 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--ddpm-steps", type=int, default=None,
                    help="DDPM sampling steps the img/s figure is for (default: the config's T)")
     p.add_argument("--skip-torch", action="store_true", help="leave out the PyTorch rows")
-    p.add_argument("--ms-threads", type=int, default=None,
-                   help="ms.set_context(runtime_num_threads=...) (default: MindSpore's own choice, reported)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="MindSpore's runtime_num_threads and torch.set_num_threads (default: each framework's own "
+                        "choice, reported); MindSpore's oneDNN convolutions may still use every core")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase in this process
     p.add_argument("--phase-out", default=None, help=argparse.SUPPRESS)
@@ -180,8 +181,8 @@ def progress(msg):
 def set_mindspore_threads(args):
     import mindspore as ms
 
-    if args.ms_threads is not None:
-        ms.set_context(runtime_num_threads=args.ms_threads)
+    if args.threads is not None:
+        ms.set_context(runtime_num_threads=args.threads)
     return ms.get_context("runtime_num_threads")
 
 
@@ -342,6 +343,8 @@ def torch_setup(args):
     cfg = load_config(args)
     if cfg.model.name != "unet":
         raise SystemExit(f"no PyTorch reference for model {cfg.model.name!r} (only 'unet')")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(cfg.train.seed)
     return cfg, torch, TorchUnet(**cfg.model.kwargs)
 
@@ -644,6 +647,12 @@ def build_report(args, command, machine, matmul, rows, extra, notes):
                 row["gflops_per_s"] = row["img_per_s"] * per_image / 1e9
                 row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak
         table.append(row)
+    starved = [r["key"] for r in table if r.get("cpu_seconds_per_second", 2**31) < 0.75 * machine["usable_cpus"]]
+    if starved:
+        notes.insert(0, f"WARNING: {', '.join(starved)} used less than 75% of the {machine['usable_cpus']} usable "
+                        "CPUs while timed (CPU s/s column): other work was probably competing for the cores, and "
+                        "those figures understate the speed (OpenMP-threaded PyTorch suffers most); re-run on an idle "
+                        "machine")
     if any(r.get("extrapolated") for r in table):
         notes.append("sampling img/s = batch / (median seconds per step x steps): each repeat timed the first "
                      f"{args.steps_per_repeat} steps of a fresh chain, extrapolated to the full step count")
@@ -663,7 +672,7 @@ def build_report(args, command, machine, matmul, rows, extra, notes):
         "machine": machine,
         "settings": {"config": args.config, "batch_size": args.batch_size, "repeats": args.repeats,
                      "warmup": args.warmup, "steps_per_repeat": args.steps_per_repeat, "ddpm_steps": ddpm_steps,
-                     "ddim_steps": DDIM_STEPS, "dpm_solver_steps": DPM_SOLVER_STEPS, "ms_threads": args.ms_threads},
+                     "ddim_steps": DDIM_STEPS, "dpm_solver_steps": DPM_SOLVER_STEPS, "threads": args.threads},
         "extra": extra,
         "matmul_gflops_per_s": matmul,
         "flops_per_image_forward": flops,
