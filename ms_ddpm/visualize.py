@@ -1,12 +1,13 @@
 """Pictures of samples: a grid PNG and the denoising animation GIF of the annotated-diffusion tutorial."""
 import math
 
-import matplotlib
+import numpy as np
+from matplotlib import animation, image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: training runs have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import animation  # noqa: E402
+# Figures are drawn on their own Agg canvas, never through pyplot: a library must not switch the global backend
+# (that would silence a notebook's inline figures), and training runs have no display.
 
 
 def to_uint8(images):
@@ -32,16 +33,17 @@ def make_grid(images, nrow=None, padding=2):
 def save_image_grid(images, path, nrow=None):
     """Write (N, C, H, W) images in [-1, 1] as one PNG grid."""
     grid = make_grid(images, nrow)
-    plt.imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
+    image.imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
 
 
 def save_denoising_animation(frames, path, nrow=None, fps=20):
     """Write a GIF of the reverse chain: `frames` is a list of (N, C, H, W) arrays in [-1, 1], noise first."""
     grids = [make_grid(f, nrow) for f in frames]
-    fig = plt.figure(figsize=(4, 4 * grids[0].shape[0] / grids[0].shape[1]))
-    plt.axis("off")
-    show = [[plt.imshow(g[..., 0] if g.shape[-1] == 1 else g, cmap="gray", vmin=0, vmax=255, animated=True)]
+    fig = Figure(figsize=(4, 4 * grids[0].shape[0] / grids[0].shape[1]))
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    show = [[ax.imshow(g[..., 0] if g.shape[-1] == 1 else g, cmap="gray", vmin=0, vmax=255, animated=True)]
             for g in grids]
-    anim = animation.ArtistAnimation(fig, show, interval=1000 // fps, blit=True, repeat_delay=2000)
-    anim.save(path, writer=animation.PillowWriter(fps=fps))
-    plt.close(fig)
+    animation.ArtistAnimation(fig, show, interval=1000 // fps, repeat_delay=2000).save(
+        path, writer=animation.PillowWriter(fps=fps))

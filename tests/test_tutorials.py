@@ -1,0 +1,130 @@
+"""The tutorial notebooks run top to bottom with the small settings and are committed without outputs.
+
+The notebooks run in order (01 .. 06) in their own folder, as a reader runs them: 03 trains the model whose
+checkpoint 04 and 05 load (each trains it itself when run alone). Their files go to tutorials/outputs/small/,
+which git ignores. The kernel is this interpreter (sys.executable), declared in a kernelspec in a temporary
+folder, so nothing is installed into the user's Jupyter setup.
+"""
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import MNIST5K
+
+nbformat = pytest.importorskip("nbformat", reason="the tutorial tests need nbformat: pip install -e '.[dev]'")
+
+TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+NOTEBOOKS = sorted(TUTORIALS.glob("[0-9][0-9]_*.ipynb"))
+KERNEL_NAME = "ms-ddpm-tutorial-test"
+SMALL_OUT = TUTORIALS / "outputs" / "small"
+STARTED = time.time()
+
+# files (glob patterns) each notebook must (re)write in tutorials/outputs/small, and text its outputs must show
+EXPECTED_FILES = {
+    "03_training.ipynb": ["train/train_log.jsonl", "train/config.yaml", "train/ckpt_*.ckpt"],
+    "04_sampling.ipynb": ["denoising.gif"],
+    "05_score_sde_samplers.ipynb": ["frechet_pixels.json"],
+}
+EXPECTED_TEXT = {
+    "02_unet.ipynb": ["35,746,307"],
+    "06_distributed.ipynb": ["usage: bash scripts/run_distributed.sh", "usage: bash scripts/run_distributed_ascend.sh",
+                             "images in both shards: 0"],
+}
+
+
+def test_the_notebooks_are_found():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_has_no_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name}, cell {i}: outputs are committed; clear them"
+            assert cell.execution_count is None, f"{path.name}, cell {i}: execution_count is not null"
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory):
+    """A kernelspec that starts ipykernel with this interpreter, in a temporary JUPYTER_PATH."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / KERNEL_NAME
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "ms_ddpm tutorial test",
+        "language": "python",
+    }))
+    return root
+
+
+def outputs_text(nb):
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", ""))
+            parts.append(out.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def image_count(nb):
+    return sum("image/png" in out.get("data", {}) or "image/gif" in out.get("data", {})
+               for cell in nb.cells for out in cell.get("outputs", []))
+
+
+def run_notebook(path, cwd, kernel_dir, monkeypatch, **env_vars):
+    """Execute the notebook at `path` in a fresh kernel with the small settings; returns it with its outputs."""
+    nbclient = pytest.importorskip("nbclient", reason="running the tutorials needs nbclient: pip install -e '.[dev]'")
+    pytest.importorskip("ipykernel", reason="running the tutorials needs ipykernel: pip install -e '.[dev]'")
+    if not MNIST5K.is_dir():
+        pytest.skip(f"the mnist5k data set is not at {MNIST5K}")
+    monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))  # read when the client builds its kernel manager
+    env = dict(os.environ, MS_DDPM_TUTORIAL_SMALL="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("MS_DDPM_DATA", None)  # default: the notebooks' ../../shared/data/mnist5k, which is MNIST5K
+    env.update(env_vars)
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name=KERNEL_NAME,
+                                     resources={"metadata": {"path": str(cwd)}})
+    client.execute(env=env)  # raises CellExecutionError, naming the cell and its traceback, on any error
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            assert out.output_type != "error", f"{path.name}: {out.get('ename')}: {out.get('evalue')}"
+    return nb
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_with_small_settings(path, kernel_dir, monkeypatch):
+    nb = run_notebook(path, TUTORIALS, kernel_dir, monkeypatch)
+    text = outputs_text(nb)
+    for expected in EXPECTED_TEXT.get(path.name, []):
+        assert expected in text, f"{path.name}: no output shows {expected!r}"
+    if path.name != "06_distributed.ipynb":
+        assert image_count(nb) >= 1, f"{path.name}: no figure was displayed inline"
+    for pattern in EXPECTED_FILES.get(path.name, []):
+        fresh = [f for f in SMALL_OUT.glob(pattern) if f.stat().st_mtime >= STARTED]
+        assert fresh, f"{path.name} did not write {SMALL_OUT / pattern}"
+    if path.name == "05_score_sde_samplers.ipynb":
+        table = json.loads((SMALL_OUT / "frechet_pixels.json").read_text())
+        assert table["train vs test (floor)"] < table["Gaussian noise"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["04_sampling.ipynb", "05_score_sde_samplers.ipynb"])
+def test_notebook_trains_the_model_itself_without_the_checkpoint_of_03(name, tmp_path, kernel_dir, monkeypatch):
+    """Run alone, in an empty folder (a copy of the notebook, the data given by MS_DDPM_DATA), 04 and 05 train the
+    model of 03 first."""
+    folder = tmp_path / "tutorials"
+    folder.mkdir()
+    shutil.copy(TUTORIALS / name, folder / name)
+    nb = run_notebook(folder / name, folder, kernel_dir, monkeypatch, MS_DDPM_DATA=str(MNIST5K))
+    assert "no checkpoint in outputs/small/train" in outputs_text(nb)
+    assert list((folder / "outputs" / "small" / "train").glob("ckpt_*.ckpt"))
+    assert (folder / "outputs" / "small" / EXPECTED_FILES[name][0]).is_file()
