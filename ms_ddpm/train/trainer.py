@@ -184,35 +184,37 @@ class Trainer:
             return None
         state = load_checkpoint(checkpoints[-1])
         check_resumable(state["config"], self.cfg)
-        missing = [p.name for p in self.state_parameters() if p.name not in state]
+        params = self.state_parameters()
+        missing = [p.name for p in params if p.name not in state]
         if missing:
             raise ConfigError(f"checkpoint {checkpoints[-1]} lacks {missing[:5]}...: it is from a different setup")
-        for p in self.state_parameters():
+        for p in params:
             p.set_data(state[p.name].value().astype(p.dtype))
         self.step = state["step"]
         return checkpoints[-1]
 
     # --- loop ----------------------------------------------------------------------------------------------------
     def batches(self):
-        """Endless (epoch, batch) stream starting at self.step; epoch e is shuffled with seed + e."""
+        """Endless stream of image batches (NumPy) from self.step on; epoch e is shuffled with seed + e."""
         c, t = self.cfg.data, self.cfg.train
         shards = dict(num_shards=self.group_size, shard_id=self.rank) if self.group_size > 1 else {}
-        micro_steps = self.step * t.grad_accumulation
-        epoch, skip = None, 0
+
+        def epoch_pipeline(epoch):
+            return create_dataset(c.name, c.root, "train", c.image_size, c.channels, t.batch_size, shuffle=True,
+                                  random_flip=c.random_flip, download=c.download, seed=t.seed + epoch,
+                                  num_parallel_workers=c.num_parallel_workers, **shards)
+
+        ds = epoch_pipeline(0)
+        # where self.step left off: this epoch, after `skip` batches
+        epoch, skip = divmod(self.step * t.grad_accumulation, ds.get_dataset_size())
+        if epoch:
+            ds = epoch_pipeline(epoch)
+        ds = ds.skip(skip) if skip else ds
         while True:
-            ds = create_dataset(c.name, c.root, "train", c.image_size, c.channels, t.batch_size, shuffle=True,
-                                random_flip=c.random_flip, download=c.download,
-                                seed=t.seed + (epoch or 0), num_parallel_workers=c.num_parallel_workers, **shards)
-            if epoch is None:  # first pass: find the epoch and batch where self.step left off
-                per_epoch = ds.get_dataset_size()
-                epoch, skip = divmod(micro_steps, per_epoch)
-                continue
-            if skip:
-                ds = ds.skip(skip)
-                skip = 0
             for (images,) in ds.create_tuple_iterator(output_numpy=True, num_epochs=1):
                 yield images
             epoch += 1
+            ds = epoch_pipeline(epoch)
 
     def log(self, record):
         if self.rank == 0:
