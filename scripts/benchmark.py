@@ -298,6 +298,7 @@ def phase_ms_sample(args):
         plan.append(("ms_sample_dpm_solver", "dpm_solver", DPM_SOLVER_STEPS))
     else:
         out["ms_sample_dpm_solver"] = {"skipped": "ms_ddpm.samplers.SAMPLERS has no 'dpm_solver' yet"}
+    network_s = time_network(args, net, shape, T)
     compiled = False
     for key, name, steps in plan:
         try:
@@ -308,10 +309,30 @@ def phase_ms_sample(args):
             continue
         progress(f"MindSpore sampling, {name}, {steps} steps, batch {shape[0]}")
         out[key] = time_sampler(args, sampler, net, shape, steps)
+        # what a step costs beyond its network call: the update's ops (or, fused, nothing but the launch) and the
+        # host-side draws and timestep bookkeeping
+        out[key]["network_ms"] = network_s * 1e3
+        out[key]["overhead_ms_per_step"] = (out[key]["seconds_per_step"] - network_s) * 1e3
+        out[key]["fused_step"] = sampler._fused_step(net) is not None
         if compiled:  # the samplers share the network, compiled during the first sampler's warm-up
             out[key]["compile_s"] = None
         compiled = compiled or bool(args.warmup)
     return out, {"runtime_num_threads": threads, "ddpm_steps": ddpm_steps}, rss_after_imports
+
+
+def time_network(args, net, shape, T):
+    """Median seconds of the compiled network call alone at the sampling batch (the floor of a sampling step)."""
+    import mindspore as ms
+
+    x = ms.Tensor(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+    t = ms.Tensor(np.full((shape[0],), T // 2, np.int32))
+
+    def calls(n):
+        for _ in range(n):
+            y = net(x, t)
+        y.asnumpy()
+
+    return measure(args, lambda i: calls(1), lambda: calls(args.steps_per_repeat), args.steps_per_repeat)[1]
 
 
 def time_sampler(args, sampler, net, shape, steps):
@@ -579,6 +600,9 @@ def main(argv=None):
 
     with open(args.config, encoding="utf-8") as f:
         raw = yaml.safe_load(f) or {}
+    if (raw.get("diffusion") or {}).get("process", "ddpm") != "ddpm":
+        sys.exit("benchmark: error: the sampling rows and the PyTorch yardstick are DDPM's; give a config with "
+                 "diffusion.process ddpm")
     started = time.perf_counter()
     command = "python " + shlex.join(["scripts/benchmark.py", *argv])
     machine = machine_description()
@@ -719,6 +743,12 @@ def print_report(r):
               f"{row['seconds_per_step'] * 1e3:>9.1f} {_fmt(row['compile_s'], '.1f'):>9} "
               f"{_fmt(row.get('gflops_per_s'), '.2f'):>8} {_fmt(frac and 100 * frac, '.1f'):>8} "
               f"{row['peak_rss_mib']:>12.0f} {row['cpu_seconds_per_second']:>7.2f}")
+    overhead = [f"{row['what'].split(',')[0].replace('sample ', '')} {row['overhead_ms_per_step']:.1f} ms"
+                + (" (fused step)" if row["fused_step"] else "")
+                for row in r["rows"] if "overhead_ms_per_step" in row]
+    if overhead:
+        network_ms = next(row["network_ms"] for row in r["rows"] if "network_ms" in row)
+        print(f"\nper-step overhead beyond the network call ({network_ms:.1f} ms alone): " + ", ".join(overhead))
     print()
     for note in r["notes"]:
         print("note: " + note)

@@ -50,6 +50,9 @@ def test_benchmark_runs_on_a_tiny_config(tmp_path):
         assert row["img_per_s"] > 0 and row["peak_rss_mib"] > 0, key
         assert row.get("loss_finite", True), f"{key}: non-finite training loss"
     assert rows["ms_sample_ddpm"]["steps"] == 20 and rows["ms_sample_ddpm"]["extrapolated"]
+    # DDPM and DDIM run network + update as one graph per step; the overhead beyond the network call is reported
+    assert rows["ms_sample_ddim"]["fused_step"] and rows["ms_sample_ddim"]["network_ms"] > 0
+    assert "per-step overhead beyond the network call" in proc.stdout
     assert report["flops_per_image_forward"] > 0
     assert all(v > 0 for v in report["matmul_gflops_per_s"].values())
     if has_torch:

@@ -4,9 +4,11 @@ from unittest import mock
 import mindspore as ms
 import numpy as np
 import pytest
+from mindspore import nn, ops
 
 from ms_ddpm.diffusion import GaussianDiffusion
 from ms_ddpm.samplers import DDIMSampler, DDPMSampler, create_sampler, spaced_timesteps
+from ms_ddpm.samplers.base import FusedStep
 from ms_ddpm.schedules import get_beta_schedule
 from tests.helpers import import_torch_reference
 
@@ -25,7 +27,7 @@ def ms_model(x, t):
     return ms.Tensor(dummy_model(x.asnumpy(), t.asnumpy()))
 
 
-def diffusers_loop(torch, diffusers, kind, steps, eta, objective, clip, spacing, seed):
+def diffusers_loop(torch, diffusers, kind, steps, eta, objective, clip, spacing, seed, use_clipped_model_output):
     """The reference loop, fed the draws our `sample()` makes: x_T, then one noise array per stochastic step."""
     cls = diffusers.DDPMScheduler if kind == "ddpm" else diffusers.DDIMScheduler
     ref = cls(num_train_timesteps=T, prediction_type=PREDICTION_TYPES[objective], clip_sample=clip,
@@ -41,7 +43,8 @@ def diffusers_loop(torch, diffusers, kind, steps, eta, objective, clip, spacing,
                 x = ref.step(out, t, x).prev_sample
         else:
             noise = torch.from_numpy(rng.standard_normal(SHAPE, dtype=np.float32)) if eta > 0 else None
-            x = ref.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
+            x = ref.step(out, t, x, eta=eta, variance_noise=noise,
+                         use_clipped_model_output=use_clipped_model_output).prev_sample
     return ref.timesteps.numpy(), x.numpy()
 
 
@@ -60,18 +63,47 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kind,steps,eta,objective,clip,spacing", CASES)
-def test_sampling_loop_matches_diffusers(kind, steps, eta, objective, clip, spacing):
+@pytest.mark.parametrize("kind,steps,eta,objective,clip,spacing,clipped_eps",
+                         [case + (True,) for case in CASES] + [("ddim", 10, 0.0, "eps", True, "leading", False)])
+def test_sampling_loop_matches_diffusers(kind, steps, eta, objective, clip, spacing, clipped_eps):
+    """clipped_eps: DDIM's `use_clipped_model_output` (ours defaults to True, diffusers' to False; both ways)."""
     torch, diffusers = import_torch_reference()
+    diffusion = GaussianDiffusion(get_beta_schedule("linear", T), objective=objective, clip_denoised=clip)
+    kwargs = {} if kind == "ddpm" else {"eta": eta, "use_clipped_model_output": clipped_eps}
+    sampler = create_sampler(kind, diffusion, timestep_spacing=spacing, **kwargs)
+    sampler.set_timesteps(steps)
+    ours = sampler.sample(ms_model, SHAPE, seed=7, progress=False).asnumpy()
+    ref_timesteps, ref = diffusers_loop(torch, diffusers, kind, steps, eta, objective, clip, spacing, seed=7,
+                                        use_clipped_model_output=clipped_eps)
+    np.testing.assert_array_equal(sampler.timesteps, ref_timesteps)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert np.abs(ours).std() > 0.1  # the loop did not collapse to a constant
+
+
+class CellModel(nn.Cell):
+    """`dummy_model` as a Cell, so that graph mode can compile it into a `FusedStep`."""
+
+    def construct(self, x, t):
+        return 0.8 * x + 0.3 * ops.sin(2 * x + t.astype(ms.float32).reshape(-1, 1, 1, 1) / 150.0)
+
+
+@pytest.mark.parametrize("kind,steps,eta,objective,clip,spacing", [CASES[0], CASES[3], CASES[7], CASES[8]])
+def test_fused_graph_step_equals_the_op_by_op_loop(kind, steps, eta, objective, clip, spacing):
+    """GRAPH_MODE runs network + update as one compiled graph per step (coefficients as 0-d float32 tensors);
+    PyNative runs the same `update` op by op with float64 coefficients: the chains agree to float32 rounding."""
     diffusion = GaussianDiffusion(get_beta_schedule("linear", T), objective=objective, clip_denoised=clip)
     kwargs = {} if kind == "ddpm" else {"eta": eta}
     sampler = create_sampler(kind, diffusion, timestep_spacing=spacing, **kwargs)
     sampler.set_timesteps(steps)
-    ours = sampler.sample(ms_model, SHAPE, seed=7, progress=False).asnumpy()
-    ref_timesteps, ref = diffusers_loop(torch, diffusers, kind, steps, eta, objective, clip, spacing, seed=7)
-    np.testing.assert_array_equal(sampler.timesteps, ref_timesteps)
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-    assert np.abs(ours).std() > 0.1  # the loop did not collapse to a constant
+    model = CellModel()
+    op_by_op = sampler.sample(model, SHAPE, seed=5, progress=False).asnumpy()
+    assert sampler._fused_step(model) is None
+    ms.set_context(mode=ms.GRAPH_MODE)
+    fused = sampler._fused_step(model)
+    assert isinstance(fused, FusedStep) and sampler._fused_step(model) is fused  # built once per model
+    graph = sampler.sample(model, SHAPE, seed=5, progress=False).asnumpy()
+    np.testing.assert_allclose(graph, op_by_op, rtol=1e-5, atol=1e-5 * np.abs(op_by_op).max())
+    assert np.abs(graph).std() > 0.1
 
 
 def test_ddpm_step_mean_equals_p_mean_variance():

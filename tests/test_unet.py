@@ -6,6 +6,7 @@ from mindspore import nn
 
 from ms_ddpm.diffusion import GaussianDiffusion
 from ms_ddpm.losses import DiffusionLoss
+from ms_ddpm.models.normalization import GroupNorm
 from ms_ddpm.models.unet import Unet
 from ms_ddpm.schedules import get_beta_schedule
 
@@ -83,3 +84,31 @@ def test_tiny_unet_overfits_four_images():
         step(x0, t, ms.Tensor(rng.standard_normal((4, 1, 8, 8), dtype=np.float32)))
     end = held_out_loss()
     assert end < 0.5 * start, (start, end)
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+def test_inference_group_norm_equals_the_kernel_in_value_and_gradient(mode):
+    """In inference GroupNorm runs on BatchNorm's kernel with a custom gradient (docs/performance.md); outputs and
+    gradients (input and affine parameters, as the ODE likelihood's vector-Jacobian products need) equal
+    `nn.GroupNorm`'s to float32 rounding, for 1 and several groups."""
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(0)
+    for groups, channels in [(4, 12), (1, 8)]:
+        ours, ref = GroupNorm(groups, channels), nn.GroupNorm(groups, channels)
+        ours.set_train(False)
+        for name in ("gamma", "beta"):
+            value = ms.Tensor(rng.standard_normal(channels).astype(np.float32))
+            getattr(ours, name).set_data(value)
+            getattr(ref, name).set_data(value)
+        x = ms.Tensor(rng.standard_normal((3, channels, 6, 5)).astype(np.float32))
+
+        def loss(net):
+            def fn(x):
+                return (net(x) ** 2).sum()
+            return ms.grad(fn, grad_position=0, weights=net.trainable_params())
+
+        np.testing.assert_allclose(ours(x).asnumpy(), ref(x).asnumpy(), rtol=1e-5, atol=1e-5)
+        (dx, (dgamma, dbeta)), (rdx, (rdgamma, rdbeta)) = loss(ours)(x), loss(ref)(x)
+        for a, b in [(dx, rdx), (dgamma, rdgamma), (dbeta, rdbeta)]:
+            b = b.asnumpy()
+            np.testing.assert_allclose(a.asnumpy(), b, rtol=1e-5, atol=1e-5 * np.abs(b).max())

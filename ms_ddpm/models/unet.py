@@ -36,7 +36,8 @@ class WeightStandardizedConv2d(nn.Conv2d):
         eps = 1e-5 if x.dtype == ms.float32 else 1e-3
         weight = self.weight
         mean = weight.mean(axis=(1, 2, 3), keep_dims=True)
-        var = ((weight - mean) ** 2).mean(axis=(1, 2, 3), keep_dims=True)
+        # square, not ** 2: MindSpore's CPU Pow kernel is ~50x slower than Square (docs/performance.md)
+        var = ops.square(weight - mean).mean(axis=(1, 2, 3), keep_dims=True)
         weight = (weight - mean) * ops.rsqrt(var + eps)
         return ops.conv2d(x, weight.astype(x.dtype), self.bias.astype(x.dtype), pad_mode="pad", padding=1)
 
@@ -103,6 +104,14 @@ def _split_heads(qkv, heads):
     return [t.reshape(b, heads, c // (3 * heads), h * w) for t in ops.chunk(qkv, 3, axis=1)]
 
 
+# Batched matmuls that read their operands transposed (A @ B^T, A^T @ B, A^T @ B^T). MindSpore's CPU kernels take
+# the transposes as flags; `ops.matmul(a.swapaxes(-1, -2), b)` runs explicit Transpose ops forward and backward,
+# which cost more than the products here (docs/performance.md).
+_matmul_nt = ops.BatchMatMul(transpose_b=True)
+_matmul_tn = ops.BatchMatMul(transpose_a=True)
+_matmul_tt = ops.BatchMatMul(transpose_a=True, transpose_b=True)
+
+
 class Attention(nn.Cell):
     """Multi-head dot-product self-attention over all pixels (Vaswani et al. 2017), used at the bottleneck.
     The softmax runs in float32 (a mixed-precision trouble spot)."""
@@ -117,10 +126,10 @@ class Attention(nn.Cell):
     def construct(self, x):
         b, _, h, w = x.shape
         q, k, v = _split_heads(self.to_qkv(x), self.heads)
-        sim = ops.matmul((q * self.scale).swapaxes(-1, -2), k)  # (B, heads, N, N)
+        sim = _matmul_tn(q * self.scale, k)  # q^T k: (B, heads, N, N)
         attn = ops.softmax(sim.astype(ms.float32), axis=-1).astype(v.dtype)
-        out = ops.matmul(attn, v.swapaxes(-1, -2))  # (B, heads, N, d)
-        return self.to_out(out.swapaxes(-1, -2).reshape(b, -1, h, w))
+        out = _matmul_nt(v, attn)  # v attn^T: (B, heads, d, N), already channels-first
+        return self.to_out(out.reshape(b, -1, h, w))
 
 
 class LinearAttention(nn.Cell):
@@ -137,10 +146,12 @@ class LinearAttention(nn.Cell):
     def construct(self, x):
         b, _, h, w = x.shape
         q, k, v = _split_heads(self.to_qkv(x), self.heads)
-        q = ops.softmax(q.astype(ms.float32), axis=-2).astype(v.dtype) * self.scale
+        # q's softmax runs over features: moved to the last axis, because MindSpore's CPU softmax and its gradient's
+        # reductions over a middle axis cost several times one transpose plus a last-axis softmax
+        q = ops.softmax(q.swapaxes(-1, -2).astype(ms.float32), axis=-1).astype(v.dtype) * self.scale  # (B, heads, N, d)
         k = ops.softmax(k.astype(ms.float32), axis=-1).astype(v.dtype)
-        context = ops.matmul(k, v.swapaxes(-1, -2))  # (B, heads, d, e)
-        out = ops.matmul(context.swapaxes(-1, -2), q)  # (B, heads, e, N)
+        context = _matmul_nt(k, v)  # k v^T: (B, heads, d, e)
+        out = _matmul_tt(context, q)  # context^T q^T: (B, heads, e, N)
         return self.to_out(out.reshape(b, -1, h, w))
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
-from mindspore import ops
+from mindspore import nn, ops
 from tqdm.auto import tqdm
 
 from ..diffusion import predict_x0
@@ -43,6 +43,25 @@ def spaced_timesteps(num_train_timesteps, num_inference_steps, spacing):
     if spacing == "trailing":
         return np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_inference_steps)).astype(np.int64) - 1
     return np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1].astype(np.int64)
+
+
+class FusedStep(nn.Cell):
+    """One sampling step as one Cell: the network call and the sampler's `update`, so that graph mode compiles the
+    whole step into a single graph launched once per step, instead of the compiled network followed by the update's
+    ops one by one from Python (each a separate launch; docs/performance.md measures the difference).
+
+    For samplers that split `step` into host-side `coefficients(timestep)` (Python floats) and tensor-side
+    `update(model_output, sample, noise, *coefficients)`; the coefficients enter as 0-d tensors, so one graph
+    serves every timestep.
+    """
+
+    def __init__(self, model, sampler):
+        super().__init__()
+        self.model = model
+        self.sampler = sampler
+
+    def construct(self, x, t, coefficients, noise=None):
+        return self.sampler.update(self.model(x, t), x, noise, *coefficients)
 
 
 class Sampler:
@@ -106,12 +125,27 @@ class Sampler:
             x_T = ms.Tensor(rng.standard_normal(shape, dtype=np.float32) * np.float32(self.init_noise_sigma))
         x = x_T
         self._step_index = 0  # samplers whose step depends on the call order (PC, Heun, multistep) count calls
+        fused = self._fused_step(model)
         for timestep in tqdm(self.timesteps, desc=type(self).__name__, disable=not progress, leave=False):
             t = ms.Tensor(np.full((shape[0],), timestep, dtype=np.int32))
             noise = ms.Tensor(rng.standard_normal(shape, dtype=np.float32)) if self.stochastic else None
-            out = self.step(model(x, t), int(timestep), x, noise)
+            if fused is None:
+                out = self.step(model(x, t), int(timestep), x, noise)
+            else:
+                coefficients = ms.mutable(tuple(ms.Tensor(np.float32(c)) for c in self.coefficients(int(timestep))))
+                out = SamplerOutput(*fused(x, t, coefficients, noise))
             x = out.prev_sample
             yield out
+
+    def _fused_step(self, model):
+        """A `FusedStep` of `model` (kept while the model is the same, so it compiles once) when graph mode can run
+        the step as one graph: a network Cell and a sampler with `coefficients` / `update`; else None."""
+        if not (hasattr(self, "update") and isinstance(model, nn.Cell) and ms.get_context("mode") == ms.GRAPH_MODE):
+            return None
+        cached = getattr(self, "_fused", None)
+        if cached is None or cached.model is not model:
+            self._fused = FusedStep(model, self)
+        return self._fused
 
     def sample(self, model, shape, seed=None, x_T=None, progress=True):
         """Draw samples (B, C, H, W) as a float32 tensor, nominally in [-1, 1]; see `sample_progressive`."""

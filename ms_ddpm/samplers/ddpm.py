@@ -13,18 +13,24 @@ class DDPMSampler(Sampler):
     using the respaced beta = 1 - alpha_bar_t / alpha_bar_prev (Nichol & Dhariwal 2021, Sec. 4), as diffusers does.
     """
 
-    def step(self, model_output, timestep, sample, noise=None):
-        # 1. alphas and betas of the jump t -> prev (alpha_bar_prev = 1 after the last step)
+    def coefficients(self, timestep):
+        """Host-side scalars of the step from `timestep`: (alpha_bar_t, coef_x0, coef_xt, sigma_t), in float64."""
+        # alphas and betas of the jump t -> prev (alpha_bar_prev = 1 after the last step)
         prev = self.previous_timestep(timestep)
         alpha_bar_t, alpha_bar_prev = self.alpha_bar(timestep), self.alpha_bar(prev)
         coef_x0, coef_xt, beta_tilde, beta = q_posterior_coefficients(alpha_bar_t, alpha_bar_prev)
-        # 2.-3. predicted x_0 (Eq. 15 for eps), clipped to [-1, 1]
+        # sigma_t of Algorithm 2, line 4; no noise on the final step to x_0
+        variance = beta_tilde if self.diffusion.variance_type == "fixed_small" else beta
+        sigma = float(np.sqrt(max(variance, 1e-20))) if timestep > 0 else 0.0
+        return alpha_bar_t, float(coef_x0), float(coef_xt), sigma
+
+    def update(self, model_output, sample, noise, alpha_bar_t, coef_x0, coef_xt, sigma):
+        """x_prev from the scalars of `coefficients` (floats, or 0-d tensors inside a compiled step)."""
+        # predicted x_0 (Eq. 15 for eps), clipped to [-1, 1]
         x0_hat = self.predicted_x0(model_output, sample, alpha_bar_t)
-        # 4.-5. posterior mean mu_tilde_t(x_t, x0_hat) (Eq. 7)
-        prev_sample = float(coef_x0) * x0_hat + float(coef_xt) * sample
-        # 6. add sigma_t z (Algorithm 2, line 4); no noise on the final step to x_0
-        if timestep > 0:
-            variance = beta_tilde if self.diffusion.variance_type == "fixed_small" else beta
-            noise = ops.randn_like(sample) if noise is None else noise
-            prev_sample = prev_sample + float(np.sqrt(max(variance, 1e-20))) * noise
-        return SamplerOutput(prev_sample, x0_hat)
+        # posterior mean mu_tilde_t(x_t, x0_hat) (Eq. 7) plus sigma_t z
+        return coef_x0 * x0_hat + coef_xt * sample + sigma * noise, x0_hat
+
+    def step(self, model_output, timestep, sample, noise=None):
+        noise = ops.randn_like(sample) if noise is None else noise
+        return SamplerOutput(*self.update(model_output, sample, noise, *self.coefficients(timestep)))
