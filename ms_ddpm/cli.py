@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import Config, ConfigError
 from .data.fetch import DownloadError
-from .samplers import DIFFUSION_SAMPLERS
+from .samplers import DIFFUSION_SAMPLERS, NCSN_SAMPLERS, SAMPLERS
 from .train.checkpoint import CheckpointError
 
 USER_ERRORS = (ConfigError, CheckpointError, DownloadError, FileNotFoundError, ValueError)
@@ -38,15 +38,15 @@ def train_main(args):
 
 
 def sample_main(args):
-    from .samplers import create_sampler
-    from .train.trainer import load_trained_model
+    from .train.trainer import build_sampler, load_trained_model
     from .visualize import save_denoising_animation, save_image_grid
 
-    cfg, net, diffusion, step, weights = load_trained_model(args.ckpt, args.mode, args.device, not args.no_ema)
-    print(f"{args.ckpt}: step {step}, {weights} weights")
-    kwargs = {"eta": args.eta} if args.sampler == "ddim" else {}
-    sampler = create_sampler(args.sampler, diffusion, **kwargs)
-    sampler.set_timesteps(args.steps or cfg.diffusion.num_timesteps)
+    cfg, net, process, step, weights = load_trained_model(args.ckpt, args.mode, args.device, not args.no_ema)
+    name = args.sampler or ("ald" if cfg.diffusion.process == "ncsn" else "ddim")
+    print(f"{args.ckpt}: step {step}, {weights} weights, diffusion.process {cfg.diffusion.process}, sampler {name}")
+    sampler = build_sampler(cfg, name, process, **({"eta": args.eta} if name == "ddim" else {}))
+    if args.steps is not None:  # else the sampler's default: every training timestep / level, or ald's 100 per level
+        sampler.set_timesteps(args.steps)
     c = cfg.data
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,11 +74,12 @@ def evaluate_main(args):
     common = dict(num=args.num, batch_size=args.batch_size, seed=args.seed, feature_ckpt=args.features,
                   data_root=args.data_root, mode=args.mode, device=args.device)
     if args.real_floor:
-        if args.bpd_batches:
-            raise ValueError("--real-floor compares real images only: drop --bpd-batches")
+        if args.bpd_batches or args.bpd_ode_batches:
+            raise ValueError("--real-floor compares real images only: drop --bpd-batches and --bpd-ode-batches")
         result = real_floor(args.ckpt, **common)
     else:
-        result = evaluate(args.ckpt, args.sampler, args.steps, bpd_batches=args.bpd_batches, **common)
+        result = evaluate(args.ckpt, args.sampler, args.steps, bpd_batches=args.bpd_batches,
+                          bpd_ode_batches=args.bpd_ode_batches, bpd_ode_steps=args.bpd_ode_steps, **common)
     # the command with every option spelled out, defaults included, so the numbers can be reproduced
     options = [(k, v) for k, v in vars(args).items() if k not in ("command", "func") and v not in (None, False)]
     result["command"] = shlex.join(["ms-ddpm", "evaluate"] + [
@@ -103,8 +104,12 @@ def build_parser():
     p.set_defaults(func=train_main)
     p = sub.add_parser("sample", help="draw samples from a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint written by `ms-ddpm train`")
-    p.add_argument("--sampler", default="ddim", choices=list(DIFFUSION_SAMPLERS))
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all training timesteps)")
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help=f"default: ddim for a DDPM checkpoint, ald (annealed Langevin) for an NCSN one; a DDPM takes "
+                   f"{list(DIFFUSION_SAMPLERS)}, an NCSN {list(NCSN_SAMPLERS)}")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: all training timesteps or noise levels); for ald: Langevin steps "
+                   "per noise level (default 100, the NCSN paper's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--batch-size", type=int, default=64)
@@ -118,15 +123,26 @@ def build_parser():
     p.set_defaults(func=sample_main)
     p = sub.add_parser("evaluate", help="FD, KID, bits/dim and samples/s of a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint written by `ms-ddpm train`")
-    p.add_argument("--sampler", default="ddim", help=f"one of {list(DIFFUSION_SAMPLERS)} (DDIM with eta 0)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all training timesteps)")
+    p.add_argument("--sampler", default=None,
+                   help="default: ddim (eta 0) for a DDPM checkpoint, ald for an NCSN one; a DDPM takes "
+                   f"{list(DIFFUSION_SAMPLERS)}, an NCSN {list(NCSN_SAMPLERS)}")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: all training timesteps or noise levels; ald: 100 per level)")
     p.add_argument("--num", type=int, default=1000, help="number of samples (and of real images for --real-floor)")
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--features", default=None, help="classifier checkpoint of scripts/train_classifier.py; "
-                   "without it FD and KID are computed on raw pixels (not comparable to FID)")
+    p.add_argument("--features", default=None,
+                   help="feature-extractor checkpoint: the MNIST classifier of scripts/train_classifier.py or the FID "
+                   "Inception-v3 of scripts/convert_inception_weights.py; without it FD and KID are computed on raw "
+                   "pixels (not comparable to FID)")
     p.add_argument("--data-root", default=None, help="folder of the real data (default: the checkpoint's data.root)")
     p.add_argument("--bpd-batches", type=int, default=0,
                    help="test batches for bits/dim (each costs T network evaluations); 0 skips it")
+    p.add_argument("--bpd-ode-batches", type=int, default=0,
+                   help="test batches for bits/dim from the probability-flow ODE (Song et al. 2021), on uniformly "
+                   "dequantised images; each costs up to 2 x (--bpd-ode-steps - 1) network evaluations with a "
+                   "vector-Jacobian product each; 0 skips it")
+    p.add_argument("--bpd-ode-steps", type=int, default=100,
+                   help="noise levels (uniform in log-SNR) of the ODE solver for --bpd-ode-batches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real-floor", action="store_true",
                    help="instead of sampling: FD / KID of --num real train images vs the test split, for scale")

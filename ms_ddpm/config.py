@@ -18,8 +18,23 @@ class ModelConfig:
     kwargs: dict = field(default_factory=lambda: {"dim": 16, "dim_mults": [1, 2], "channels": 1})  # constructor args
 
 
+PROCESSES = ("ddpm", "ncsn")
+# diffusion keys of process "ncsn"; all others (but `process`) belong to "ddpm"
+NCSN_KEYS = ("sigma_max", "sigma_min", "num_noise_levels", "langevin_step_lr")
+
+
 @dataclass
 class DiffusionConfig:
+    """The noise process the network is trained on: a DDPM chain (Ho et al. 2020) or NCSN's noise levels (Song &
+    Ermon 2019). Keys of the other process must keep their defaults, so a setting that would do nothing is refused.
+
+    NCSN defaults: the paper's MNIST levels sigma_1 = 1 > ... > sigma_10 = 0.01 and Langevin step eps = 2e-5 (Sec. 5)
+    are for images in [0, 1]; ours are in [-1, 1], twice as wide, so the sigmas double and eps, which sets
+    alpha_i = eps sigma_i^2 / sigma_L^2 in units of squared distance, quadruples: the same dynamics, rescaled.
+    """
+
+    process: str = "ddpm"  # ddpm (Gaussian diffusion chain) | ncsn (noise-conditional score network)
+    # process ddpm
     num_timesteps: int = 1000  # T, training chain length
     beta_schedule: str = "linear"  # linear | cosine | quadratic | sigmoid
     beta_start: float = 1.0e-4  # first beta (linear / quadratic / sigmoid); not rescaled with T
@@ -31,6 +46,22 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0  # gamma of min-SNR weighting (Hang et al. 2023)
     p2_gamma: float = 1.0  # gamma of P2 weighting (Choi et al. 2022)
     p2_k: float = 1.0  # k of P2 weighting
+    # process ncsn
+    sigma_max: float = 2.0  # sigma_1, the largest noise level (paper: 1 for [0, 1] images)
+    sigma_min: float = 0.02  # sigma_L, the smallest (paper: 0.01 for [0, 1] images)
+    num_noise_levels: int = 10  # L, geometric sequence from sigma_max to sigma_min (paper: 10)
+    langevin_step_lr: float = 8.0e-5  # eps of annealed Langevin dynamics, Algorithm 1 (paper: 2e-5 for [0, 1])
+
+    def __post_init__(self):
+        if self.process not in PROCESSES:
+            raise ConfigError(f"diffusion.process must be one of {list(PROCESSES)}, got {self.process!r}")
+        other = "ddpm" if self.process == "ncsn" else "ncsn"
+        idle = [f.name for f in dataclasses.fields(self)
+                if f.name != "process" and (f.name in NCSN_KEYS) == (other == "ncsn")
+                and getattr(self, f.name) != f.default]
+        if idle:
+            raise ConfigError(f"diffusion key(s) {idle} are settings of process {other!r} and do nothing with "
+                              f"diffusion.process {self.process!r}: remove them, or set diffusion.process: {other}")
 
 
 @dataclass

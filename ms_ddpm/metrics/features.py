@@ -1,4 +1,5 @@
-"""The feature space of the Frechet and kernel distances on MNIST-like data: a small digit classifier.
+"""The feature spaces of the Frechet and kernel distances: a small digit classifier for MNIST-like data, and the
+checkpoint format shared with the FID Inception-v3.
 
 FID (Heusel et al. 2017) compares Inception-v3 pool3 activations, a network trained on ImageNet photographs. For
 digits a common practice swaps Inception for a classifier of the domain and takes its penultimate activations as the
@@ -28,11 +29,11 @@ Numbers computed in this feature space are "FD / KID with an MNIST classifier": 
 same classifier checkpoint, not with published FIDs (which are Inception-v3 on 50,000 samples) nor with another
 classifier's numbers.
 
-Inception-v3, the real FID, is NOT implemented here. To plug it in one would port the TF-Inception weights that
-pytorch-fid / clean-fid use (`pt_inception-2015-12-05`) to a MindSpore Inception-v3, resize inputs to 299 x 299
-bilinearly, repeat grayscale to three channels, map [-1, 1] to the network's input range and take the 2048-d pool3
-output. `ms_ddpm.metrics.evaluate` uses only the extractor's `features(x) -> (B, D)` and `channels`, so such a Cell
-would replace the classifier where `_feature_space` loads it. Neither the port nor the weights are part of ms_ddpm.
+Inception-v3, the real FID, is `ms_ddpm.metrics.inception.FIDInceptionV3`. Its weights are pytorch-fid's, which
+users download themselves and convert with scripts/convert_inception_weights.py; the converter writes them with
+`save_feature_extractor` too, so `load_feature_extractor` (and `ms-ddpm evaluate --features`) takes either
+checkpoint: the entry "feature_extractor" names the class (FEATURE_EXTRACTORS), "architecture" its constructor
+arguments. `ms_ddpm.metrics.evaluate` uses only the extractor's `features(x) -> (B, D)`, `input_channels` and `kind`.
 """
 import json
 import os
@@ -43,9 +44,8 @@ from mindspore import nn, ops
 
 from ..models.normalization import GroupNorm
 from ..train.checkpoint import CheckpointError
+from .inception import FIDInceptionV3
 
-#: the value of the checkpoint entry that marks a classifier written by `save_feature_extractor`
-FEATURE_EXTRACTOR_KIND = "mnist_classifier"
 INPUT_SIZE = 28  # MNIST's native resolution; other sizes are resized to it
 
 
@@ -92,6 +92,8 @@ class MNISTClassifier(nn.Cell):
     calibrates it). Both take images (B, C, H, W) in [-1, 1]; sizes other than 28 x 28 are resized bilinearly first.
     """
 
+    kind = "mnist_classifier"  # the checkpoint entry that `load_feature_extractor` rebuilds this class from
+
     def __init__(self, channels=1, widths=(16, 32, 64), feature_dim=128, num_classes=10, groups=8):
         super().__init__()
         self.config = {"channels": int(channels), "widths": [int(w) for w in widths],
@@ -106,8 +108,8 @@ class MNISTClassifier(nn.Cell):
         return self.config["feature_dim"]
 
     @property
-    def channels(self):
-        return self.config["channels"]
+    def input_channels(self):
+        return (self.config["channels"],)
 
     def features(self, x):
         """Penultimate pre-activations times feature_scale, (B, feature_dim). The backbone is a Cell of its own, so
@@ -118,16 +120,29 @@ class MNISTClassifier(nn.Cell):
         return self.head(self.relu(self.backbone(x)))
 
 
-def save_feature_extractor(net, path, extra=None):
-    """Write the classifier's weights and constructor arguments to `path` atomically (temporary file, then rename).
+#: the feature extractors a checkpoint can hold, by the value of its "feature_extractor" entry
+FEATURE_EXTRACTORS = {cls.kind: cls for cls in (MNISTClassifier, FIDInceptionV3)}
+HOW_TO_MAKE = ("train a classifier with scripts/train_classifier.py or convert Inception weights with "
+               "scripts/convert_inception_weights.py")
 
-    `extra`: more strings to store (e.g. the test accuracy), read back by `load_feature_extractor`'s caller from
-    `net.checkpoint_info`.
+
+def save_feature_extractor(net, path, extra=None):
+    """Write a feature extractor's weights, class and constructor arguments to `path` atomically (temporary file,
+    then rename).
+
+    Args:
+        net: an instance of one of FEATURE_EXTRACTORS (MNISTClassifier, FIDInceptionV3).
+        path: the checkpoint to write.
+        extra: more strings to store (e.g. the test accuracy), read back by `load_feature_extractor`'s caller from
+            `net.checkpoint_info`.
     """
+    if type(net) not in FEATURE_EXTRACTORS.values():
+        raise ValueError(f"net must be one of {[cls.__name__ for cls in FEATURE_EXTRACTORS.values()]}, "
+                         f"got {type(net).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.ckpt")  # MindSpore appends ".ckpt" to names without it
-    info = {"feature_extractor": FEATURE_EXTRACTOR_KIND, "architecture": json.dumps(net.config)}
+    info = {"feature_extractor": net.kind, "architecture": json.dumps(net.config)}
     info.update({k: str(v) for k, v in (extra or {}).items()})
     ms.save_checkpoint([{"name": p.name, "data": p} for p in net.get_parameters()], str(tmp), append_dict=info,
                        crc_check=True)
@@ -136,26 +151,27 @@ def save_feature_extractor(net, path, extra=None):
 
 
 def load_feature_extractor(path):
-    """Rebuild the `MNISTClassifier` saved at `path` (by `save_feature_extractor` / scripts/train_classifier.py),
-    in inference mode. Its extra checkpoint strings are in `net.checkpoint_info`.
+    """Rebuild the feature extractor saved at `path` by `save_feature_extractor` (scripts/train_classifier.py's
+    `MNISTClassifier` or scripts/convert_inception_weights.py's `FIDInceptionV3`), in inference mode. Its extra
+    checkpoint strings are in `net.checkpoint_info`.
 
     Raises:
-        CheckpointError: the file is missing, corrupt, or not a classifier checkpoint.
+        CheckpointError: the file is missing, corrupt, or not a feature-extractor checkpoint.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"feature-extractor checkpoint {path} does not exist; train one with "
-                              "scripts/train_classifier.py")
+        raise CheckpointError(f"feature-extractor checkpoint {path} does not exist; {HOW_TO_MAKE}")
     try:
         raw = ms.load_checkpoint(str(path), crc_check=True)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with C++ context for damaged files
         raise CheckpointError(f"feature-extractor checkpoint {path} is corrupt or truncated ({type(err).__name__}); "
-                              "train it again with scripts/train_classifier.py") from None
-    if str(raw.get("feature_extractor", "")) != FEATURE_EXTRACTOR_KIND or "architecture" not in raw:
+                              f"make it again: {HOW_TO_MAKE}") from None
+    cls = FEATURE_EXTRACTORS.get(str(raw.get("feature_extractor", "")))
+    if cls is None or "architecture" not in raw:
         raise CheckpointError(f"{path} is not a feature-extractor checkpoint (it was not written by "
-                              "scripts/train_classifier.py)")
+                              "scripts/train_classifier.py nor scripts/convert_inception_weights.py)")
     try:
-        net = MNISTClassifier(**json.loads(str(raw["architecture"])))
+        net = cls(**json.loads(str(raw["architecture"])))
     except (TypeError, ValueError) as err:
         message = f"feature-extractor checkpoint {path} has an unusable architecture entry: {err}"
         raise CheckpointError(message) from None

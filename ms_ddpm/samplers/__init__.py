@@ -21,6 +21,9 @@ SAMPLERS.update({
 
 # the samplers a model trained with GaussianDiffusion drives ("ald" needs an NCSN's noise levels instead)
 DIFFUSION_SAMPLERS = tuple(name for name in SAMPLERS if name != "ald")
+# the samplers an NCSN score network drives: annealed Langevin on its noise levels, and the VE SDE samplers, whose
+# discrete levels are the same geometric sigmas (Song et al. 2021, Sec. 3.4 and Eq. 9: NCSN discretises the VE SDE)
+NCSN_SAMPLERS = ("ald", "euler_maruyama", "pc", "ode")
 
 
 def create_sampler(name, diffusion, **kwargs):
@@ -30,6 +33,6 @@ def create_sampler(name, diffusion, **kwargs):
 
 
 __all__ = ["Sampler", "SamplerOutput", "spaced_timesteps", "DDPMSampler", "DDIMSampler", "SAMPLERS", "DIFFUSION_SAMPLERS",
-           "create_sampler",
+           "NCSN_SAMPLERS", "create_sampler",
            "DPMSolverSampler", "EulerMaruyamaSampler", "PredictorCorrectorSampler", "ProbabilityFlowSampler",
            "ScoreSDESampler", "VPSDE", "SubVPSDE", "VESDE", "AnnealedLangevinSampler", "NCSNLoss", "geometric_sigmas"]

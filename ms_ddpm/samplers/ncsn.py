@@ -7,6 +7,8 @@ sigma_1 > ... > sigma_L (a geometric sequence) and sampled with annealed Langevi
 Conditioning: the network sees the level *index* i (0-based, 0 = sigma_max) as its "timestep" input, as the
 NCSN code's `labels`. The U-Nets of `ms_ddpm.models` embed any real timestep sinusoidally, so a DDPM U-Net serves
 as an NCSN unchanged; the same index drives the VE SDE samplers (`sde.VESDE` uses these sigmas, in this order).
+
+Training from a config: `diffusion.process: ncsn` (configs/ncsn_mnist5k_cpu.yaml; `ms_ddpm.train.trainer`).
 """
 import mindspore as ms
 import numpy as np

@@ -21,7 +21,7 @@ class TrainStep:
     `grad_reducer` averages gradients across data-parallel ranks (identity on one device).
 
     Args:
-        loss_fn: Cell (x_start, t, noise) -> scalar loss (a `DiffusionLoss`).
+        loss_fn: Cell (x_start, t, noise) -> scalar loss (a `DiffusionLoss`, or an `NCSNLoss` with level indices as t).
         optimizer: a MindSpore optimizer over the trainable parameters.
         loss_scaler: `amp.DynamicLossScaler` or `amp.StaticLossScaler` (scale 1 for no scaling).
         grad_clip: global-norm bound, 0 to disable.

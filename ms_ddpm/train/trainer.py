@@ -1,10 +1,14 @@
 """The training loop: config -> data -> model -> diffusion loss -> compiled step -> EMA -> logs, grids, checkpoints.
 
-Reproducibility: weights come from `ms.set_seed(seed)`; the timesteps and noise of optimizer step s, micro-batch m
-on rank r from the NumPy generator seeded with (seed, r, s, m); the data order of epoch e from the dataset seed
-`seed + e`. The random state is thus a function of (seed, rank, step), all in the checkpoint, and a resumed run
-continues exactly as the uninterrupted run would (tested) on every rank, except for dropout masks and random
-flips, whose MindSpore-side generator state is not exposed.
+Two processes (`diffusion.process`): "ddpm" trains the network on a `GaussianDiffusion` chain with `DiffusionLoss`
+(Ho et al. 2020); "ncsn" trains a noise-conditional score network with `NCSNLoss` on L geometric noise levels (Song &
+Ermon 2019), the network's "timestep" input being the level index, and samples it with annealed Langevin dynamics.
+
+Reproducibility: weights come from `ms.set_seed(seed)`; the timesteps (NCSN: level indices) and noise of optimizer
+step s, micro-batch m on rank r from the NumPy generator seeded with (seed, r, s, m); the data order of epoch e from
+the dataset seed `seed + e`. The random state is thus a function of (seed, rank, step), all in the checkpoint, and
+a resumed run continues exactly as the uninterrupted run would (tested) on every rank, except for dropout masks and
+random flips, whose MindSpore-side generator state is not exposed.
 """
 import hashlib
 import json
@@ -24,7 +28,7 @@ from ..data import create_dataset
 from ..diffusion import GaussianDiffusion
 from ..losses import DiffusionLoss
 from ..models import create_model
-from ..samplers import create_sampler
+from ..samplers import DIFFUSION_SAMPLERS, NCSN_SAMPLERS, VESDE, NCSNLoss, create_sampler
 from ..schedules import get_beta_schedule
 from ..utils import check_choice
 from ..visualize import save_image_grid
@@ -60,9 +64,26 @@ def set_runtime(train_cfg):
 
 
 def build_diffusion(cfg):
+    """The noise process of `cfg.diffusion`: a `GaussianDiffusion` for "ddpm"; for "ncsn" the `VESDE` whose L
+    discrete levels are NCSN's geometric sigmas, largest first (`.sigmas`), the levels both `NCSNLoss` and the NCSN
+    samplers take."""
     d = cfg.diffusion
+    if d.process == "ncsn":
+        return VESDE(d.sigma_min, d.sigma_max, d.num_noise_levels)
     betas = get_beta_schedule(d.beta_schedule, d.num_timesteps, d.beta_start, d.beta_end)
     return GaussianDiffusion(betas, objective=d.objective, variance_type=d.variance_type)
+
+
+def build_sampler(cfg, name, process, **kwargs):
+    """Sampler `name` for a network trained with `cfg`, on `process` (its `build_diffusion`); kwargs go to the
+    sampler's constructor. Samplers of the other process are refused; "ald" takes the config's Langevin step size."""
+    valid = NCSN_SAMPLERS if cfg.diffusion.process == "ncsn" else DIFFUSION_SAMPLERS
+    if name not in valid:
+        raise ConfigError(f"sampler {name!r} does not sample a network of diffusion.process "
+                          f"{cfg.diffusion.process!r}; use one of {list(valid)}")
+    if name == "ald":
+        kwargs["step_lr"] = cfg.diffusion.langevin_step_lr
+    return create_sampler(name, process, **kwargs)
 
 
 def build_model(cfg):
@@ -73,8 +94,9 @@ def build_model(cfg):
 def load_trained_model(path, mode="graph", device="CPU", use_ema=True):
     """Rebuild a trained network from a checkpoint alone (its stored config), for sampling and evaluation.
 
-    Returns (config, network in inference mode, GaussianDiffusion, step, "ema" or "raw"): the EMA weights when
-    `use_ema` and the checkpoint has them, else the raw weights.
+    Returns (config, network in inference mode, process, step, "ema" or "raw"): the process is `build_diffusion`'s
+    (a GaussianDiffusion, or for an NCSN the VESDE of its noise levels), for `build_sampler`; the weights are the EMA
+    weights when `use_ema` and the checkpoint has them, else the raw weights.
     """
     state = load_checkpoint(path)
     cfg = Config.from_dict(yaml.safe_load(state["config"]))
@@ -140,8 +162,19 @@ class Trainer:
         if t.amp_level != "O0":
             amp.auto_mixed_precision(self.model, t.amp_level, getattr(ms, t.amp_dtype))
         d = cfg.diffusion
-        self.loss_fn = DiffusionLoss(self.model, self.diffusion, d.loss_type, d.loss_weighting, d.p2_gamma, d.p2_k,
-                                     d.min_snr_gamma)
+        if d.process == "ncsn":
+            self.loss_fn = NCSNLoss(self.model, self.diffusion.sigmas)
+            self.num_labels = self.diffusion.N  # level indices i, uniform as the expectation over i of Eq. 6
+        else:
+            self.loss_fn = DiffusionLoss(self.model, self.diffusion, d.loss_type, d.loss_weighting, d.p2_gamma,
+                                         d.p2_k, d.min_snr_gamma)
+            self.num_labels = self.diffusion.num_timesteps  # timesteps t, uniform as in Algorithm 1 of Ho et al.
+        # built now, so a sampler that does not fit the process or a bad step count fails before training
+        try:
+            self.grid_sampler = build_sampler(cfg, t.sampler, self.diffusion)
+            self.grid_sampler.set_timesteps(t.sample_steps)
+        except ValueError as err:  # ConfigError included
+            raise ConfigError(f"train.sampler={t.sampler!r}, train.sample_steps={t.sample_steps!r}: {err}") from None
         self.lr_values = warmup_cosine_lr(t.lr, t.steps, t.warmup_steps, t.min_lr, t.lr_schedule)
         self.optimizer = build_optimizer(t, self.model.trainable_params(), self.lr_values)
         reducer = None
@@ -238,9 +271,8 @@ class Trainer:
             for src, dst in zip(self.model.trainable_params(), net.trainable_params()):
                 dst.set_data(src.value().copy())
         net.set_train(False)
-        sampler = create_sampler(t.sampler, self.diffusion)
-        sampler.set_timesteps(t.sample_steps)
-        x = sampler.sample(net, (t.num_samples, c.channels, c.image_size, c.image_size), seed=t.seed, progress=False)
+        shape = (t.num_samples, c.channels, c.image_size, c.image_size)
+        x = self.grid_sampler.sample(net, shape, seed=t.seed, progress=False)
         save_image_grid(x.asnumpy(), path)
 
     def train(self, until=None):
@@ -259,7 +291,6 @@ class Trainer:
             print(f"rank 0 of {self.group_size}: global batch {global_batch} = {t.batch_size} per device x "
                   f"{self.group_size} devices x {t.grad_accumulation} accumulation; peak lr {t.lr:g}", flush=True)
         self.model.set_train(True)
-        T = self.diffusion.num_timesteps
         nonfinite, loss, last_time, last_step = 0, float("nan"), time.perf_counter(), self.step
         bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
         data = self.batches()
@@ -267,7 +298,7 @@ class Trainer:
             for micro in range(t.grad_accumulation):
                 images = next(data)
                 rng = np.random.default_rng([t.seed, self.rank, self.step, micro])
-                ts = ms.Tensor(rng.integers(0, T, images.shape[0]).astype(np.int32))
+                ts = ms.Tensor(rng.integers(0, self.num_labels, images.shape[0]).astype(np.int32))
                 noise = ms.Tensor(rng.standard_normal(images.shape, dtype=np.float32))
                 loss_t, finite, norm = self.step_fn(ms.Tensor(images), ts, noise, micro == t.grad_accumulation - 1)
             loss, finite = float(loss_t.asnumpy()), bool(finite.asnumpy())
