@@ -38,11 +38,11 @@ def train_main(args):
 
 
 def sample_main(args):
-    from .train.trainer import build_sampler, load_trained_model
+    from .train.trainer import build_sampler, default_sampler, load_trained_model
     from .visualize import save_denoising_animation, save_image_grid
 
     cfg, net, process, step, weights = load_trained_model(args.ckpt, args.mode, args.device, not args.no_ema)
-    name = args.sampler or ("ald" if cfg.diffusion.process == "ncsn" else "ddim")
+    name = args.sampler or default_sampler(cfg)
     print(f"{args.ckpt}: step {step}, {weights} weights, diffusion.process {cfg.diffusion.process}, sampler {name}")
     sampler = build_sampler(cfg, name, process, **({"eta": args.eta} if name == "ddim" else {}))
     if args.steps is not None:  # else the sampler's default: every training timestep / level, or ald's 100 per level

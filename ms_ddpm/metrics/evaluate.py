@@ -41,7 +41,7 @@ from scipy import linalg
 from tqdm.auto import tqdm
 
 from ..data import create_dataset
-from ..train.trainer import build_sampler, load_trained_model
+from ..train.trainer import build_sampler, default_sampler, load_trained_model
 from .features import load_feature_extractor
 from .frechet import feature_statistics, frechet_distance, kernel_distance
 from .likelihood import ODE_STEPS, calc_bpd_loop, ode_bpd
@@ -172,7 +172,7 @@ def evaluate(ckpt, sampler=None, steps=None, num=1000, batch_size=250, seed=0, f
     if ncsn and bpd_batches:
         raise ValueError("bits/dim from the variational bound needs a DDPM chain; this checkpoint is an NCSN "
                          "(diffusion.process ncsn): drop bpd_batches")
-    sampler = sampler or ("ald" if ncsn else "ddim")
+    sampler = sampler or default_sampler(cfg)
     chain = build_sampler(cfg, sampler, diffusion)  # a sampler of the other process is refused here
     if steps is not None:  # else the sampler's default: every training timestep / noise level, or ald's 100 per level
         chain.set_timesteps(steps)

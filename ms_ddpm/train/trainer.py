@@ -74,6 +74,11 @@ def build_diffusion(cfg):
     return GaussianDiffusion(betas, objective=d.objective, variance_type=d.variance_type)
 
 
+def default_sampler(cfg):
+    """The sampler `ms-ddpm sample` and `evaluate` use unless told: DDIM for a DDPM, annealed Langevin for an NCSN."""
+    return "ald" if cfg.diffusion.process == "ncsn" else "ddim"
+
+
 def build_sampler(cfg, name, process, **kwargs):
     """Sampler `name` for a network trained with `cfg`, on `process` (its `build_diffusion`); kwargs go to the
     sampler's constructor. Samplers of the other process are refused; "ald" takes the config's Langevin step size."""
