@@ -2,12 +2,12 @@
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import nn
+from mindspore import nn, ops
 
 from ms_ddpm.diffusion import GaussianDiffusion
 from ms_ddpm.losses import DiffusionLoss
 from ms_ddpm.models.normalization import GroupNorm
-from ms_ddpm.models.unet import Unet
+from ms_ddpm.models.unet import Softmax, Unet, WeightStandardization
 from ms_ddpm.schedules import get_beta_schedule
 
 CONFIGS = [
@@ -112,3 +112,57 @@ def test_inference_group_norm_equals_the_kernel_in_value_and_gradient(mode):
         for a, b in [(dx, rdx), (dgamma, rdgamma), (dbeta, rdbeta)]:
             b = b.asnumpy()
             np.testing.assert_allclose(a.asnumpy(), b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+def test_attention_softmax_equals_the_kernel_in_value_and_gradient(mode):
+    """The attention softmax's hand-written gradient (row sums as a matrix product, docs/performance.md) equals
+    automatic differentiation of `ops.softmax`, for float32 and float16 inputs."""
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(0)
+    ours = Softmax()
+    for dtype, tol in [(ms.float32, 1e-6), (ms.float16, 2e-3)]:
+        x = ms.Tensor(3 * rng.standard_normal((2, 3, 5, 7)), dtype)
+        weights = ms.Tensor(rng.standard_normal((2, 3, 5, 7)), ms.float32)
+
+        def loss(softmax):
+            def fn(x):
+                return (softmax(x).astype(ms.float32) * weights).sum()
+            return ms.grad(fn)
+
+        def reference(x):
+            return ops.softmax(x.astype(ms.float32), axis=-1).astype(x.dtype)
+
+        np.testing.assert_allclose(ours(x).asnumpy(), reference(x).asnumpy(), rtol=0, atol=tol)
+        got, expected = loss(ours)(x), loss(reference)(x)
+        assert got.dtype == x.dtype
+        np.testing.assert_allclose(got.asnumpy().astype(np.float32), expected.asnumpy().astype(np.float32),
+                                   rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+def test_weight_standardization_equals_automatic_differentiation(mode):
+    """Weight standardisation's hand-written gradient (docs/performance.md) equals automatic differentiation of
+    (w - mean) / sqrt(var + eps) per output channel, for both eps the convolution uses."""
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(0)
+    weight = ms.Tensor(rng.standard_normal((6, 4, 3, 3)), ms.float32)
+    weights = ms.Tensor(rng.standard_normal((6, 4, 3, 3)), ms.float32)
+    ours = WeightStandardization()
+    for eps in (1e-5, 1e-3):
+        def reference(w):
+            mean = w.mean(axis=(1, 2, 3), keep_dims=True)
+            var = ((w - mean) ** 2).mean(axis=(1, 2, 3), keep_dims=True)
+            return (w - mean) / ops.sqrt(var + eps)
+
+        def loss(standardize):
+            def fn(w):
+                return (standardize(w) * weights).sum()
+            return ms.grad(fn)
+
+        def standardize(w):
+            return ours(w, eps)
+
+        np.testing.assert_allclose(standardize(weight).asnumpy(), reference(weight).asnumpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(loss(standardize)(weight).asnumpy(), loss(reference)(weight).asnumpy(),
+                                   rtol=0, atol=1e-5)

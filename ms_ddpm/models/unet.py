@@ -25,20 +25,38 @@ def conv2d(in_channels, out_channels, kernel_size, groups=1, has_bias=True):
     )
 
 
+class WeightStandardization(nn.Cell):
+    """(w - mean) / sqrt(var + eps) per output channel (Qiao et al. 2019, Eq. 5), with a hand-written gradient.
+
+    The gradient is the normalisation's own (that of GroupNorm with one group per output channel): with
+    w_hat = (w - mean) * r, dw = r * (g - mean(g) - w_hat * mean(g * w_hat)). MindSpore's automatic one costs
+    2-3x this on CPU (Tile and Pow ops around the reductions; docs/performance.md). The statistics stay on the
+    4-D weight: reshaping it, faster still in GRAPH_MODE, slows PYNATIVE_MODE gradients several-fold.
+    """
+
+    def construct(self, weight, eps):
+        centred = weight - weight.mean(axis=(1, 2, 3), keep_dims=True)
+        return centred * ops.rsqrt((centred * centred).mean(axis=(1, 2, 3), keep_dims=True) + eps)
+
+    def bprop(self, weight, eps, out, dout):
+        centred = weight - weight.mean(axis=(1, 2, 3), keep_dims=True)
+        r = ops.rsqrt((centred * centred).mean(axis=(1, 2, 3), keep_dims=True) + eps)
+        dw = r * (dout - dout.mean(axis=(1, 2, 3), keep_dims=True)
+                  - out * (dout * out).mean(axis=(1, 2, 3), keep_dims=True))
+        return dw, ops.zeros((), ms.float32)
+
+
 class WeightStandardizedConv2d(nn.Conv2d):
     """3x3 convolution whose kernel is standardised per output channel before use (Qiao et al. 2019,
     "Weight Standardization"); the tutorial pairs it with GroupNorm, with which it trains more stably."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__(in_channels, out_channels, 3, pad_mode="pad", padding=1, has_bias=True)
+        self.standardize = WeightStandardization()
 
     def construct(self, x):
         eps = 1e-5 if x.dtype == ms.float32 else 1e-3
-        weight = self.weight
-        mean = weight.mean(axis=(1, 2, 3), keep_dims=True)
-        # square, not ** 2: MindSpore's CPU Pow kernel is ~50x slower than Square (docs/performance.md)
-        var = ops.square(weight - mean).mean(axis=(1, 2, 3), keep_dims=True)
-        weight = (weight - mean) * ops.rsqrt(var + eps)
+        weight = self.standardize(self.weight, eps)
         return ops.conv2d(x, weight.astype(x.dtype), self.bias.astype(x.dtype), pad_mode="pad", padding=1)
 
 
@@ -104,6 +122,22 @@ def _split_heads(qkv, heads):
     return [t.reshape(b, heads, c // (3 * heads), h * w) for t in ops.chunk(qkv, 3, axis=1)]
 
 
+class Softmax(nn.Cell):
+    """Softmax over the last axis, computed in float32, with its gradient's row sums done as a matrix product.
+
+    The gradient is y * (dy - sum(y * dy)) (the softmax Jacobian); MindSpore's CPU ReduceSum over a last axis of
+    32 to 784 pixels costs several times a product with a column of ones (docs/performance.md).
+    """
+
+    def construct(self, x):
+        return ops.softmax(x.astype(ms.float32), axis=-1).astype(x.dtype)
+
+    def bprop(self, x, out, dout):
+        y, dy = out.astype(ms.float32), dout.astype(ms.float32)
+        row_sums = ops.matmul(y * dy, ops.ones((x.shape[-1], 1), ms.float32))
+        return ((y * (dy - row_sums)).astype(x.dtype),)
+
+
 # Batched matmuls that read their operands transposed (A @ B^T, A^T @ B, A^T @ B^T). MindSpore's CPU kernels take
 # the transposes as flags; `ops.matmul(a.swapaxes(-1, -2), b)` runs explicit Transpose ops forward and backward,
 # which cost more than the products here (docs/performance.md).
@@ -121,13 +155,14 @@ class Attention(nn.Cell):
         self.scale = dim_head**-0.5
         self.heads = heads
         self.to_qkv = conv2d(dim, dim_head * heads * 3, 1, has_bias=False)
+        self.softmax = Softmax()
         self.to_out = conv2d(dim_head * heads, dim, 1)
 
     def construct(self, x):
         b, _, h, w = x.shape
         q, k, v = _split_heads(self.to_qkv(x), self.heads)
         sim = _matmul_tn(q * self.scale, k)  # q^T k: (B, heads, N, N)
-        attn = ops.softmax(sim.astype(ms.float32), axis=-1).astype(v.dtype)
+        attn = self.softmax(sim)
         out = _matmul_nt(v, attn)  # v attn^T: (B, heads, d, N), already channels-first
         return self.to_out(out.reshape(b, -1, h, w))
 
@@ -141,6 +176,7 @@ class LinearAttention(nn.Cell):
         self.scale = dim_head**-0.5
         self.heads = heads
         self.to_qkv = conv2d(dim, dim_head * heads * 3, 1, has_bias=False)
+        self.softmax = Softmax()
         self.to_out = nn.SequentialCell(conv2d(dim_head * heads, dim, 1), GroupNorm(1, dim))
 
     def construct(self, x):
@@ -148,8 +184,8 @@ class LinearAttention(nn.Cell):
         q, k, v = _split_heads(self.to_qkv(x), self.heads)
         # q's softmax runs over features: moved to the last axis, because MindSpore's CPU softmax and its gradient's
         # reductions over a middle axis cost several times one transpose plus a last-axis softmax
-        q = ops.softmax(q.swapaxes(-1, -2).astype(ms.float32), axis=-1).astype(v.dtype) * self.scale  # (B, heads, N, d)
-        k = ops.softmax(k.astype(ms.float32), axis=-1).astype(v.dtype)
+        q = self.softmax(q.swapaxes(-1, -2)) * self.scale  # (B, heads, N, d)
+        k = self.softmax(k)
         context = _matmul_nt(k, v)  # k v^T: (B, heads, d, e)
         out = _matmul_tt(context, q)  # context^T q^T: (B, heads, e, N)
         return self.to_out(out.reshape(b, -1, h, w))
