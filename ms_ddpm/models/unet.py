@@ -35,14 +35,17 @@ class WeightStandardization(nn.Cell):
     """
 
     def construct(self, weight, eps):
-        centred = weight - weight.mean(axis=(1, 2, 3), keep_dims=True)
+        w = weight.astype(ms.float32)
+        centred = w - w.mean(axis=(1, 2, 3), keep_dims=True)
         return centred * ops.rsqrt((centred * centred).mean(axis=(1, 2, 3), keep_dims=True) + eps)
 
     def bprop(self, weight, eps, out, dout):
-        centred = weight - weight.mean(axis=(1, 2, 3), keep_dims=True)
+        # float32 in and out: under amp O2 this Cell is handed a float16 copy of the float32 Parameter, and the
+        # gradient returned here is the Parameter's own (a custom bprop skips the cast's gradient)
+        w, g = weight.astype(ms.float32), dout.astype(ms.float32)
+        centred = w - w.mean(axis=(1, 2, 3), keep_dims=True)
         r = ops.rsqrt((centred * centred).mean(axis=(1, 2, 3), keep_dims=True) + eps)
-        dw = r * (dout - dout.mean(axis=(1, 2, 3), keep_dims=True)
-                  - out * (dout * out).mean(axis=(1, 2, 3), keep_dims=True))
+        dw = r * (g - g.mean(axis=(1, 2, 3), keep_dims=True) - out * (g * out).mean(axis=(1, 2, 3), keep_dims=True))
         return dw, ops.zeros((), ms.float32)
 
 
