@@ -7,7 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ms_ddpm", "ms_ddpm.*"]),
-    python_requires=">=3.9",
+    # the Pythons MindSpore 2.7.1 / 2.8 publish wheels for
+    python_requires=">=3.9,<3.13",
     install_requires=[
         # MindSpore 2.9 and 2.10 pick oneDNN's plain-layout CPU convolution: about 60x slower than 2.7.1/2.8.
         "mindspore>=2.7.1,<2.9",

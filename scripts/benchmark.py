@@ -11,7 +11,7 @@ What one run measures (each phase in its own subprocess, so that its peak RSS is
     library has it, DPM-Solver-20: seconds per sampling step, timed over `--steps-per-repeat` steps of a chain and
     multiplied by the step count (a sampling step costs about the same at every t: one network call plus the update;
     the output says when it extrapolated);
-  - the same U-Net in PyTorch eager (`ms_ddpm.reference.torch_unet`, same shapes, batch, optimizer and loss):
+  - the same U-Net in PyTorch eager (`tests/torch_unet.py`, same shapes, batch, optimizer and loss):
     training and DDIM-50 sampling img/s, and the ratios MindSpore / PyTorch;
   - forward FLOPs per image (2 x multiply-accumulates of convolutions, dense layers and attention matmuls;
     norms, activations and softmax not counted), checked against torch's FlopCounterMode when torch is present,
@@ -356,11 +356,21 @@ def time_sampler(args, sampler, net, shape, steps):
 # PyTorch phases
 
 
+def load_torch_unet():
+    """The PyTorch port of the U-Net, `tests/torch_unet.py` (test-only, so outside the package), loaded by path."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "torch_unet.py")
+    spec = importlib.util.spec_from_file_location("torch_unet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def torch_setup(args):
     import torch
 
-    from ms_ddpm.reference.torch_unet import Unet as TorchUnet
-
+    TorchUnet = load_torch_unet().Unet
     cfg = load_config(args)
     if cfg.model.name != "unet":
         raise SystemExit(f"no PyTorch reference for model {cfg.model.name!r} (only 'unet')")
@@ -387,7 +397,7 @@ def diffusion_tables(cfg, torch):
 
 def phase_torch_train(args):
     """The PyTorch U-Net trained eagerly with the config's optimizer, loss and gradient clipping."""
-    from ms_ddpm.reference.torch_unet import diffusion_loss
+    diffusion_loss = load_torch_unet().diffusion_loss
 
     cfg, torch, model = torch_setup(args)
     rss_after_imports = rss_mib()

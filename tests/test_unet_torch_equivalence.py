@@ -1,4 +1,4 @@
-"""ms_ddpm's U-Net against the PyTorch port of the annotated-diffusion U-Net (ms_ddpm.reference.torch_unet):
+"""ms_ddpm's U-Net against the PyTorch port of the annotated-diffusion U-Net (tests.torch_unet):
 the same random weights give the same outputs (graph and PyNative mode) and the same loss gradients."""
 import mindspore as ms
 import numpy as np
@@ -11,8 +11,8 @@ from ms_ddpm.schedules import get_beta_schedule
 from tests.helpers import import_torch_reference
 
 torch, _ = import_torch_reference()
-from ms_ddpm.reference.torch_unet import Unet as TorchUnet  # noqa: E402  (needs torch, imported above or skipped)
-from ms_ddpm.reference.torch_unet import diffusion_loss, mindspore_names, mindspore_state_from_torch  # noqa: E402
+from tests.torch_unet import Unet as TorchUnet  # noqa: E402  (needs torch, imported above or skipped)
+from tests.torch_unet import diffusion_loss, mindspore_names, mindspore_state_from_torch  # noqa: E402
 
 CONFIGS = [
     # (constructor arguments, input shape (B, C, H, W)); every input is non-square

@@ -1,6 +1,6 @@
 """The annotated-diffusion U-Net in PyTorch, laid out so that its weights load one to one into `ms_ddpm.models.Unet`.
 
-Test- and benchmark-only: this is the one module of ms_ddpm that imports torch (install it with the `dev` extra).
+Test- and benchmark-only (it imports torch, which ms_ddpm itself never needs; install it with the `dev` extra).
 It serves the equivalence tests (same weights, same inputs, same outputs and gradients as the MindSpore network)
 and `scripts/benchmark.py` (the PyTorch eager yardstick).
 
