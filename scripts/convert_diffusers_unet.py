@@ -20,11 +20,13 @@ import json
 import os
 import sys
 
+from ms_ddpm.models.state_dict import StateDictError, read_state_dict
+
 PROG = "convert_diffusers_unet"
 
 
 class ConversionError(Exception):
-    """A user-facing error: printed as one line, exit status 1."""
+    """A user-facing error: printed as one line, exit status 2."""
 
 
 # UNet2DModel options whose value DDPMUNet hard-wires: (diffusers default when the key is absent, required value).
@@ -118,32 +120,6 @@ def ddpm_unet_kwargs(config):
     )
 
 
-def read_state_dict(path):
-    """name -> numpy array from a .safetensors file or a torch state dict file."""
-    if not os.path.isfile(path):
-        raise ConversionError(f"input file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors reports corrupt files with its own exception type
-            raise ConversionError(f"cannot read {path}: {e}") from None
-    try:
-        import torch
-    except ImportError:
-        raise ConversionError(f"reading {path} needs torch (pip install torch), or convert from .safetensors") from None
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        first_line = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ConversionError(f"cannot read {path} as a torch state dict: {first_line}") from None
-    if not isinstance(state_dict, dict):
-        raise ConversionError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
-    # numpy has no bfloat16; the network is float32 anyway.
-    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state_dict.items()}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="diffusion_pytorch_model.safetensors or .bin")
@@ -182,11 +158,11 @@ def main(argv=None):
             ms.save_checkpoint(net, args.output)
         except OSError as e:
             raise ConversionError(f"cannot write {args.output}: {e}") from None
-    except (ConversionError, ValueError) as e:
+    except (ConversionError, StateDictError, ValueError) as e:
         # ValueError: DDPMUNet rejecting the mapped configuration (e.g. indivisible sample_size).
         message = " ".join(str(e).split())
         print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
+        return 2  # argparse's status for bad arguments: the input is one
 
     n_params = sum(p.size for p in net.get_parameters())
     arguments = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())

@@ -19,29 +19,13 @@ import argparse
 import os
 import sys
 
+from ms_ddpm.models.state_dict import StateDictError, read_state_dict
+
 PROG = "convert_inception_weights"
 
 
 class ConversionError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
-
-
-def read_state_dict(path):
-    """name -> float32 numpy array from a torch state-dict file; ConversionError when it is not one."""
-    if not os.path.isfile(path):
-        raise ConversionError(f"input file not found: {path}")
-    try:
-        import torch
-    except ImportError:
-        raise ConversionError(f"reading {path} needs torch (pip install torch)") from None
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        first_line = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ConversionError(f"cannot read {path} as a torch state dict: {first_line}") from None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ConversionError(f"{path} holds a {type(state_dict).__name__} that is not a state dict of tensors")
-    return {k: v.float().numpy() for k, v in state_dict.items()}
 
 
 def convert(input_path, output_path):
@@ -75,7 +59,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         net = convert(args.input, args.output)
-    except ConversionError as e:
+    except (ConversionError, StateDictError) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2  # argparse's status for bad arguments: the input is one
     n_params = sum(p.size for p in net.get_parameters())
