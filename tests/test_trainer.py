@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -272,8 +273,14 @@ def test_config_errors_name_the_fix(tmp_path):
         Config.load(None, ["lr=3"])
     with pytest.raises(ConfigError, match="does not exist"):
         Config.load(tmp_path / "missing.yaml")
-    cfg = Config.load(None, ["model.kwargs={dim: 4}", "train.steps=7"])
+    cfg = Config.load(None, ["model.kwargs={dim: 4}", "train.steps=7", "train.warmup_steps=7"])
     assert cfg.model.kwargs == {"dim": 4} and cfg.train.steps == 7
+    with pytest.raises(ConfigError, match=re.escape("train.warmup_steps (100) > train.steps (50): the linear warmup "
+                                                    "must end within the run; set train.warmup_steps <= 50 (e.g. "
+                                                    "--set train.warmup_steps=5) or raise train.steps")):
+        Config.load(None, ["train.steps=50"])
+    with pytest.raises(ConfigError, match=re.escape("train.warmup_steps must be >= 0, got -1")):
+        Config.load(None, ["train.warmup_steps=-1"])
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
