@@ -127,6 +127,20 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message says what to change."""
 
 
+def _typed(key, value, kind):
+    """value as the field's type: YAML reads 5e-4 (no dot) as a string and 1 as an int, both good floats; anything
+    else of the wrong type is refused here rather than failing deep inside training."""
+    if kind is float and not isinstance(value, bool) and isinstance(value, (int, str)):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind in (int, float, bool, str, dict, list) and not (
+            isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))):
+        raise ConfigError(f"{key} must be {'a' if kind is not int else 'an'} {kind.__name__}, got {value!r}")
+    return value
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -150,7 +164,8 @@ class Config:
             bad = sorted(set(values) - set(valid))
             if bad:
                 raise ConfigError(f"unknown key(s) {bad} in section '{name}'; valid keys: {valid}")
-            sections[name] = section_cls(**values)
+            types = {f.name: f.type for f in dataclasses.fields(section_cls)}
+            sections[name] = section_cls(**{k: _typed(f"{name}.{k}", v, types[k]) for k, v in values.items()})
         return cls(**sections)
 
     @classmethod
