@@ -4,19 +4,20 @@ The commands are discovered, not listed: each line of a ```bash block (continuat
 of a header comment, and, for their options only, the commands quoted inline in the prose (`ms-ddpm ...`,
 `python scripts/...`, `scripts/...`). A failure names the file and line of the command.
 
-What a command gets, in the default run (test_command_as_shown):
+The default run (test_command_as_shown), for every command shown:
 - its program's own argument parser takes the arguments as written (the program runs up to its argparse call; a
   launcher runs for real with msrun, or train.py, stood in, and the `ms-ddpm train` arguments it passes on are
   parsed in turn), a training command's config loads with its overrides as written, and every file it reads
-  exists, or a command shown makes it;
-- then, if it is quick to run, it runs as written in a copy of the repository's layout (../shared beside it) with
-  only size overrides appended (SIZE, tiny_train_overrides), and must exit with status 0. A file another command
-  makes (the classifier checkpoint) comes from running that command first, a checkpoint
-  `<train.output_dir>/ckpt_<step>.ckpt` from training that config with size overrides (one run per config, shared);
-- otherwise it is skipped, saying why: it needs the network (pip, wget) or files only such a command makes, is the
-  test suite itself, needs Ascend NPUs or files the reader brings, or is long.
-With `-m slow` (test_long_command_as_shown): the CPU training commands without overrides (the quick start) as
-written, the CPU launches as written (on a free port), and the long scripts with size overrides.
+  exists or is made by a command shown;
+- then it runs as written, with only size overrides appended (SIZE, tiny_train_overrides), in a copy of the
+  repository's layout (../shared beside it), and must exit with status 0. A file another command makes (the
+  classifier) comes from running that command first; a checkpoint `<train.output_dir>/ckpt_<step>.ckpt`, or the run
+  folder a `--resume` continues, from training that config with size overrides: each config is trained once (a
+  graph compile costs tens of seconds), so other training commands of a config run with -m slow;
+- or it is skipped, saying why: it needs the network (pip, wget) or files only such a command makes, is the test
+  suite itself, needs Ascend devices, files the reader brings, or is long.
+With `-m slow` (test_long_command_as_shown): the CPU training commands without overrides (the quick start) and the
+CPU launches (on a free port) as written; the long scripts and the other training commands with size overrides.
 """
 import argparse
 import ast
@@ -257,7 +258,7 @@ def tiny_train_overrides(cfg):
     sets = ["train.steps=2", "train.warmup_steps=0", "train.batch_size=4", "train.log_every=1", "train.save_every=2",
             "train.sample_every=2", "train.num_samples=4", "train.sample_steps=2"]
     if cfg.model.name == "unet":
-        tiny = dict(cfg.model.kwargs, dim=8, dim_mults=[1, 2], heads=1, dim_head=8)
+        tiny = dict(cfg.model.kwargs, dim=8, dim_mults=[1], heads=1, dim_head=8)  # one level: a shorter compile
         sets.append("model.kwargs=" + yaml.safe_dump(tiny, default_flow_style=True).strip())
     return ["--set", *sets]
 
@@ -451,21 +452,38 @@ def is_cpu(cfg):
     return cfg.train.device == "CPU"
 
 
-def long_plan(cmd):
-    """For -m slow: the argv to run, or None when the command has no long run here."""
+def train_args(prog):
+    """The arguments of a training command (ms-ddpm train, scripts/train.py), or None for other programs."""
+    if prog.name == "ms-ddpm train":
+        return list(prog.args[1:])
+    return list(prog.args) if prog.script == "scripts/train.py" else None
+
+
+def long_run(cmd):
+    """For -m slow: "as written", "with size overrides", or None when the command has no long run here. Decided from
+    the words alone (this runs when the tests are collected)."""
     prog = program_of(cmd)
+    args = train_args(prog)
     if prog.name in LONG:
-        return list(cmd.argv) + LONG[prog.name]
+        return "with size overrides"
     if prog.name == "scripts/run_distributed.sh":
         config = prog.args[prog.args.index("--config") + 1]
         device = prog.args[prog.args.index("--device") + 1] if "--device" in prog.args else None
-        if (device or Config.load(REPO / config).train.device) == "CPU":
-            return ["bash", prog.script, *before_separator(prog.args, ["--master_port", str(free_port())])]
-    args = list(prog.args)
-    if (prog.name == "ms-ddpm train" or prog.script == "scripts/train.py") and args[-2:-1] == ["--config"] \
-            and len(args) == (3 if prog.name == "ms-ddpm train" else 2) and args[-1].endswith("_cpu.yaml"):
-        return list(cmd.argv)  # a full CPU training run, as written
+        return "as written" if (device or Config.load(REPO / config).train.device) == "CPU" else None
+    if args is not None and len(args) == 2 and args[0] == "--config" and args[1].endswith("_cpu.yaml"):
+        return "as written"  # a full training run of a config made for CPUs: the quick start
+    if args is not None and "--resume" not in args and not (len(args) == 2 and args[0] == "--config"):
+        return "with size overrides"  # the default run trains each config once (see test_command_as_shown)
     return None
+
+
+def long_argv(cmd, runner):
+    prog = program_of(cmd)
+    if long_run(cmd) == "with size overrides":
+        return runner.quick_argv(cmd)
+    if prog.name in LAUNCHERS:  # a free port for msrun's scheduler: another job may hold the default one
+        return ["bash", prog.script, *before_separator(prog.args, ["--master_port", str(free_port())])]
+    return list(cmd.argv)
 
 
 def test_commands_were_found():
@@ -483,13 +501,15 @@ def test_command_as_shown(cmd, runner):
         pytest.skip(f"`{cmd}` runs the test suite itself")
     if prog.name in LAUNCHERS:
         cfg = check_launcher(cmd, prog, runner)
-        if long_plan(cmd) is None:
+        if long_run(cmd) is None:
             device = "Ascend" if prog.name.endswith("_ascend.sh") else cfg.train.device
             pytest.skip(f"`{cmd}` needs {device} devices (checked with the training stood in)")
         pytest.skip(f"`{cmd}` runs for real with -m slow (checked here with msrun stood in)")
     needs = runner.needs(cmd)
     if prog.name in LONG:
         pytest.skip(f"`{cmd}` is long: `python -m pytest -m slow` runs it with size overrides")
+    if long_run(cmd) == "with size overrides":  # a graph compile each: once per config is enough for the default run
+        pytest.skip(f"`{cmd}` trains a config the default run already trains: `-m slow` runs it with size overrides")
     argv = runner.quick_argv(cmd)
     _, result = runner.run(cmd, argv, needs)
     assert result.returncode == 0, (f"{cmd.where}: `{cmd}` failed (run as `{shlex.join(argv)}`):\n"
@@ -497,37 +517,32 @@ def test_command_as_shown(cmd, runner):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cmd", [c for c in FULL if long_plan(c) is not None], ids=lambda c: c.where)
+@pytest.mark.parametrize("cmd", [c for i, c in enumerate(FULL) if long_run(c) is not None  # each command once
+                                 and all(c.argv != d.argv for d in FULL[:i])], ids=lambda c: c.where)
 def test_long_command_as_shown(cmd, runner):
-    argv = long_plan(cmd)
+    argv = long_argv(cmd, runner)
     needs = [] if program_of(cmd).name in LAUNCHERS else runner.needs(cmd)
     _, result = runner.run(cmd, argv, needs, timeout=3600)
-    assert result.returncode == 0, (f"{cmd.where}: `{cmd}` failed (run as `{shlex.join(argv)}`):\n"
+    assert result.returncode == 0, (f"{cmd.where}: `{cmd}` failed (run {long_run(cmd)}: `{shlex.join(argv)}`):\n"
                                     f"{tail(result.stdout, 10)}\n{tail(result.stderr)}")
-
-
-def launcher_options(script):
-    usage = subprocess.run(["bash", str(REPO / script), "--help"], capture_output=True, text=True).stdout
-    return set(re.findall(r"(?<![\w-])--\w[\w-]*", usage))
 
 
 @pytest.mark.parametrize("cmd", [c for c in COMMANDS if c.inline], ids=lambda c: c.where)
 def test_quoted_command_names_real_options(cmd):
     prog = program_of(cmd)
-    if prog.name in OFFLINE or prog.name == "pytest":
-        return
-    if prog.name in LAUNCHERS:
-        known = launcher_options(prog.script)
-    else:
-        parser, _ = parse(cmd, prog, parse_args=False)
-        args = list(prog.args)
-        while args:  # down the subcommands (ms-ddpm train / sample / evaluate)
-            sub = next((a.choices[args[0]] for a in parser._actions
-                        if isinstance(a, argparse._SubParsersAction) and args[0] in a.choices), None)
-            if sub is None:
-                break
-            parser, args = sub, args[1:]
-        known = set(parser._option_string_actions)
+    if prog.name == "pytest":
+        check_suite(cmd, prog)
+    if prog.name in OFFLINE or prog.name == "pytest" or prog.name in LAUNCHERS:
+        return  # the launchers' options are checked where they are shown in full
+    parser, _ = parse(cmd, prog, parse_args=False)
+    args = list(prog.args)
+    while args:  # down the subcommands (ms-ddpm train / sample / evaluate)
+        sub = next((a.choices[args[0]] for a in parser._actions
+                    if isinstance(a, argparse._SubParsersAction) and args[0] in a.choices), None)
+        if sub is None:
+            break
+        parser, args = sub, args[1:]
+    known = set(parser._option_string_actions)
     unknown = [a.split("=")[0] for a in prog.args if re.match(r"--?[a-zA-Z]", a) and a.split("=")[0] not in known]
     assert not unknown, f"{cmd.where}: `{cmd}`: {prog.name} has no option(s) {unknown}"
     for path, _ in path_tokens(cmd.argv):
