@@ -14,7 +14,7 @@ import pytest
 from mindspore import nn
 from PIL import Image
 
-from ms_ddpm.data import DATASETS, create_dataset, fetch
+from ms_ddpm.data import DATASETS, class_names, create_dataset, fetch
 from tests.helpers import MNIST5K
 
 needs_mnist5k = pytest.mark.skipif(not MNIST5K.is_dir(), reason=f"real MNIST subset not found at {MNIST5K}")
@@ -29,9 +29,20 @@ def scaled(raw_uint8):
     return raw_uint8.astype(np.float32) / np.float32(127.5) - np.float32(1)
 
 
-def epoch(dataset):
-    """All images of one epoch as one float32 (N, C, H, W) array."""
-    return np.concatenate([row["image"] for row in dataset.create_dict_iterator(output_numpy=True, num_epochs=1)])
+def epoch(dataset, column="image"):
+    """All images (or labels) of one epoch as one array: float32 (N, C, H, W), or int32 (N,)."""
+    return np.concatenate([row[column] for row in dataset.create_dict_iterator(output_numpy=True, num_epochs=1)])
+
+
+def labelled_epoch(dataset):
+    """(images, labels) of one epoch, read together from each batch."""
+    rows = list(dataset.create_tuple_iterator(output_numpy=True, num_epochs=1))
+    assert all(len(row) == 2 for row in rows)
+    return np.concatenate([x for x, _ in rows]), np.concatenate([y for _, y in rows])
+
+
+def read_idx_labels(path):
+    return np.fromfile(path, dtype=np.uint8)[8:]
 
 
 def read_idx_images(path):
@@ -162,6 +173,26 @@ def test_batches_feed_a_network(mode):
     assert net(x).shape == (8, 4, 28, 28)
 
 
+@needs_mnist5k
+def test_mnist5k_labels_are_the_idx_labels_and_change_no_image():
+    raw_labels = read_idx_labels(MNIST5K / "train-labels-idx1-ubyte")
+    images, labels = labelled_epoch(create_dataset("mnist", MNIST5K, batch_size=64, shuffle=False, labels=True))
+    assert labels.dtype == np.int32 and labels.shape == (4000 // 64 * 64,)
+    np.testing.assert_array_equal(labels, raw_labels[: len(labels)])
+    np.testing.assert_array_equal(images, epoch(create_dataset("mnist", MNIST5K, batch_size=64, shuffle=False)))
+    assert class_names("mnist") == [str(d) for d in range(10)]
+
+    # shuffled, sharded and skipped: the same images in the same order as without labels, each with its own label
+    label_of = dict(zip(hashes(epoch(create_dataset("mnist", MNIST5K, batch_size=40, shuffle=False))), raw_labels))
+    for shard_id in range(2):
+        kwargs = dict(batch_size=40, num_shards=2, shard_id=shard_id, seed=7)
+        plain = create_dataset("mnist", MNIST5K, **kwargs).skip(3)
+        images, labels = labelled_epoch(create_dataset("mnist", MNIST5K, labels=True, **kwargs).skip(3))
+        assert len(images) == 2000 - 3 * 40
+        np.testing.assert_array_equal(images, epoch(plain))
+        np.testing.assert_array_equal(labels, [label_of[h] for h in hashes(images)])
+
+
 # ------------------------------------------------------------------------------------------- synthetic files
 
 
@@ -179,6 +210,13 @@ def test_fashion_mnist_idx_round_trips_exactly(tmp_path):
     assert images[0, 0, 0, 0] == -1.0 and images[1, 0, 0, 0] == 1.0
     test_images = epoch(create_dataset("fashion_mnist", tmp_path, split="test", batch_size=3, shuffle=False))
     np.testing.assert_array_equal(test_images[:, 0], scaled(test))
+    _, test_labels = labelled_epoch(
+        create_dataset("fashion_mnist", tmp_path, split="test", batch_size=3, shuffle=False, labels=True)
+    )
+    np.testing.assert_array_equal(test_labels, np.arange(6) % 10)  # write_idx's labels
+    assert class_names("fashion_mnist") == [
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+    ]
     rgb = epoch(create_dataset("fashion_mnist", tmp_path, split="test", batch_size=6, shuffle=False, channels=3))
     np.testing.assert_array_equal(rgb, np.repeat(scaled(test)[:, None], 3, axis=1))
 
@@ -194,6 +232,14 @@ def test_cifar10_binary_round_trips_exactly(tmp_path):
     (first,) = next(dataset.create_tuple_iterator(output_numpy=True, num_epochs=1))
     assert first.shape == (8, 3, 32, 32) and first.dtype == np.float32
     np.testing.assert_array_equal(first, scaled(pixels.transpose(0, 3, 1, 2)))
+    labelled = create_dataset("cifar10", tmp_path, split="test", image_size=32, batch_size=8, shuffle=False, labels=True)
+    images, labels = next(labelled.create_tuple_iterator(output_numpy=True, num_epochs=1))
+    np.testing.assert_array_equal(images, first)
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, np.frombuffer(records, np.uint8)[::CIFAR_RECORD])  # each record's first byte
+    assert class_names("cifar10") == [
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
+    ]
 
     gray = create_dataset("cifar10", tmp_path, split="test", image_size=32, channels=1, batch_size=8, shuffle=False)
     (first,) = next(gray.create_tuple_iterator(output_numpy=True, num_epochs=1))
@@ -266,6 +312,49 @@ def test_folder_of_images_is_resized_cropped_and_converted(tmp_path):
     ]
     assert [len(s) for s in shards] == [3, 3]
     assert set(hashes(np.concatenate(shards))) == set(hashes(images))
+
+
+def test_folder_sub_folders_are_the_classes(tmp_path):
+    make_png_folder(tmp_path / "loose")
+    # no class sub-folders but "sub": fewer than two classes, and images outside them
+    assert class_names("folder", tmp_path / "loose") == ["sub"]
+    with pytest.raises(ValueError, match=r"has 1 class sub-folder\(s\) \['sub'\]; labels need at least 2"):
+        create_dataset("folder", tmp_path / "loose", labels=True)
+    (tmp_path / "one" / "cats").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "one" / "cats" / "c.png")
+    with pytest.raises(ValueError, match=r"has 1 class sub-folder.*put each class's images in its own sub-folder"):
+        create_dataset("folder", tmp_path / "one", labels=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "loose" / "sub2.png")
+    (tmp_path / "loose" / "more").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "loose" / "more" / "m.png")
+    with pytest.raises(ValueError, match=r"4 image\(s\) lie directly in .*outside the class sub-folders \['more', 'sub'\]"):
+        create_dataset("folder", tmp_path / "loose", labels=True)
+    (tmp_path / "no_images" / "inner").mkdir(parents=True)
+    assert class_names("folder", tmp_path / "no_images") == []
+    with pytest.raises(FileNotFoundError, match="image folder .* does not exist"):
+        class_names("folder", tmp_path / "nope")
+
+    # two classes; nested folders belong to their top sub-folder, folders without images are no class
+    root = tmp_path / "classes"
+    colours = {"zebra": [(10, 10, 10), (20, 20, 20)], "ant": [(30, 30, 30)], "bee": [(40, 40, 40), (50, 50, 50)]}
+    for name, values in colours.items():
+        for i, value in enumerate(values):
+            folder = root / name / ("deep" if i else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(folder / f"{i}.png")
+    (root / "empty" / "inner").mkdir(parents=True)
+    (root / "ant" / "readme.txt").write_text("not an image")
+    assert class_names("folder", root) == ["ant", "bee", "zebra"]
+    images, labels = labelled_epoch(create_dataset("folder", root, image_size=8, batch_size=5, shuffle=False, labels=True))
+    # sorted paths: ant/0, bee/0, bee/deep/1, zebra/0, zebra/deep/1
+    np.testing.assert_array_equal(labels, [0, 1, 1, 2, 2])
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(images[:, 0, 0, 0], scaled(np.array([30, 40, 50, 10, 20], np.uint8)))
+    kwargs = dict(image_size=8, batch_size=2, seed=3, num_shards=2, shard_id=1, num_parallel_workers=2)
+    images, labels = labelled_epoch(create_dataset("folder", root, labels=True, **kwargs))
+    np.testing.assert_array_equal(images, epoch(create_dataset("folder", root, **kwargs)))
+    label_of = {30: 0, 40: 1, 50: 1, 10: 2, 20: 2}
+    np.testing.assert_array_equal(labels, [label_of[v] for v in np.round((images[:, 0, 0, 0] + 1) * 127.5)])
 
 
 # ------------------------------------------------------------------------------------------------------ download

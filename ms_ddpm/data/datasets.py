@@ -1,6 +1,7 @@
 """Image datasets as batched `mindspore.dataset` pipelines of float32 (B, C, H, W) images in [-1, 1].
 
-Every pipeline has one column, "image"; labels are dropped (unconditional generation). Per image:
+Every pipeline has the column "image", and with `labels=True` also "label" (int32 class indices, see
+`class_names`). Per image:
 
     read  ->  resize (shorter side to image_size)  ->  centre crop image_size x image_size
           ->  random horizontal flip (optional)  ->  1 or 3 channels  ->  batch  ->  HWC -> CHW, x / 127.5 - 1
@@ -32,6 +33,8 @@ number of steps.
 Reading a pipeline:
     for (x,) in dataset.create_tuple_iterator(num_epochs=1):          # x: ms.Tensor, float32, (B, C, H, W)
         loss = train_step(x)
+    for x, y in create_dataset(..., labels=True).create_tuple_iterator(num_epochs=1):   # y: int32, (B,)
+        loss = train_step(x, y)
     for row in dataset.create_dict_iterator(output_numpy=True, num_epochs=1):
         row["image"]                                                   # np.ndarray, float32, (B, C, H, W)
 The pipeline runs on the host, so it feeds a network the same way in PyNative and graph mode; `Model.train` can
@@ -39,9 +42,10 @@ take it directly (its only column becomes the network's only input).
 """
 import os
 
+import mindspore as ms
 import mindspore.dataset as ds
 import numpy as np
-from mindspore.dataset import vision
+from mindspore.dataset import transforms, vision
 from PIL import Image
 
 from ..utils import check_choice
@@ -51,6 +55,15 @@ from .formats import CIFAR10_ARCHIVE_FOLDER, FILES, SPLITS, file_problems, nativ
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
+CLASS_NAMES = {
+    "mnist": tuple(str(digit) for digit in range(10)),
+    # Xiao, Rasul & Vollgraf 2017, Table 1
+    "fashion_mnist": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ),
+    # batches.meta.txt of cifar-10-binary.tar.gz
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
 _TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 (binary version)"}
 # Channels as stored on disk; for "folder" the reader converts to the requested number itself.
 _STORED_CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3}
@@ -146,19 +159,71 @@ def load_image(path, image_size, channels):
     return np.ascontiguousarray(arr.reshape(image_size, image_size, channels))
 
 
-class ImageFiles:
-    """Random-access source for `GeneratorDataset`: item i is (load_image(paths[i]),), uint8 (H, W, C)."""
+def _top_folder(root, path):
+    """The first path component of `path` below `root`: its class sub-folder, or its own name if it lies in root."""
+    return os.path.relpath(path, root).split(os.sep)[0]
 
-    def __init__(self, paths, image_size, channels):
+
+def _folder_classes(root, paths):
+    """Sorted names of the immediate sub-folders of `root` that hold at least one of `paths` (at any depth)."""
+    return sorted({top for top in (_top_folder(root, p) for p in paths) if os.path.isdir(os.path.join(root, top))})
+
+
+def class_names(name, root=None):
+    """The class names of dataset `name` in label order: label i of a batch is class_names(name, root)[i].
+
+    MNIST: the digits "0" .. "9". Fashion-MNIST: Zalando's ten article names (Xiao, Rasul & Vollgraf 2017, Table 1).
+    CIFAR-10: the ten names of the binary version's batches.meta.txt. These three ignore `root`. "folder": the
+    sorted names of the sub-folders of `root` that hold images (the first path component below root, as
+    torchvision's ImageFolder); images lying directly in root belong to no class, so a folder without class
+    sub-folders gives [].
+    """
+    check_choice("dataset", name, DATASETS)
+    if name != "folder":
+        return list(CLASS_NAMES[name])
+    if root is None or not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist; give the path to a folder of images")
+    root = os.fspath(root)
+    return _folder_classes(root, list_images(root))
+
+
+def _folder_labels(root, paths):
+    """int32 class index of each path (its sub-folder's position in class_names), or a ValueError saying why the
+    folder cannot give labels."""
+    classes = _folder_classes(root, paths)
+    if len(classes) < 2:
+        raise ValueError(
+            f"image folder {root!r} has {len(classes)} class sub-folder(s) {classes}; labels need at least 2: put "
+            f"each class's images in its own sub-folder (root/<class name>/...), or train without labels"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    tops = [_top_folder(root, path) for path in paths]
+    loose = [path for path, top in zip(paths, tops) if top not in index]
+    if loose:
+        raise ValueError(
+            f"{len(loose)} image(s) lie directly in {root!r}, outside the class sub-folders {classes} (e.g. "
+            f"{loose[0]!r}): move them into a class sub-folder, or train without labels"
+        )
+    return np.array([index[top] for top in tops], np.int32)
+
+
+class ImageFiles:
+    """Random-access source for `GeneratorDataset`: item i is (load_image(paths[i]),), uint8 (H, W, C), or
+    (image, labels[i]) when labels (int32 class indices, one per path) are given."""
+
+    def __init__(self, paths, image_size, channels, labels=None):
         self.paths = list(paths)
         self.image_size = image_size
         self.channels = channels
+        self.labels = labels
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return (load_image(self.paths[int(index)], self.image_size, self.channels),)
+        index = int(index)
+        image = load_image(self.paths[index], self.image_size, self.channels)
+        return (image,) if self.labels is None else (image, self.labels[index])
 
 
 def to_model_input(images):
@@ -183,16 +248,18 @@ def create_dataset(
     seed=None,
     num_parallel_workers=1,
     drop_remainder=True,
+    labels=False,
 ):
-    """A batched pipeline with one column "image": float32 (batch_size, channels, image_size, image_size) in [-1, 1].
+    """A batched pipeline of images, float32 (batch_size, channels, image_size, image_size) in [-1, 1], and with
+    `labels=True` their class labels, int32 (batch_size,).
 
     Args:
         name: one of DATASETS. "mnist" / "fashion_mnist": folder with the unpacked IDX files
             (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte);
             "cifar10": folder with the CIFAR-10 binary version's data_batch_1.bin .. data_batch_5.bin and
             test_batch.bin (or the folder holding the archive's cifar-10-batches-bin/); "folder": any folder of
-            .png/.jpg/.jpeg/.bmp/.webp files, searched recursively, read in sorted path order (no class subfolders
-            needed; subfolders are just more images).
+            .png/.jpg/.jpeg/.bmp/.webp files, searched recursively, read in sorted path order (without labels,
+            sub-folders are just more images; with labels, each sub-folder of root is a class, see `class_names`).
         root: the folder described above (str or path-like).
         split: "train" or "test" (t10k-* for the IDX datasets, test_batch.bin for CIFAR-10). Ignored for "folder",
             which always reads the whole folder.
@@ -214,16 +281,20 @@ def create_dataset(
             shared-memory limits that MindSpore's worker processes hit in containers.
         drop_remainder: drop the last incomplete batch, so every batch has batch_size images (what a compiled
             training step wants).
+        labels: also give each image's class label (index into `class_names(name, root)`), as a second column
+            "label". Shuffling, sharding, skipping and seeds are the same with and without labels: the same seed
+            gives the same images in the same order.
 
     Returns:
-        A `mindspore.dataset` pipeline; `get_dataset_size()` is the number of batches per epoch on this shard, and
+        A `mindspore.dataset` pipeline with the column "image" (and "label" with labels=True); `get_dataset_size()` is the number of batches per epoch on this shard, and
         the extra attribute `num_images` the number of images this shard reads per epoch (before dropping the
         remainder). Iterate it with `create_tuple_iterator()` (ms.Tensor batches) or
         `create_dict_iterator(output_numpy=True)` (NumPy), see the module docstring.
 
     Raises:
-        ValueError: unknown name, split or channels, bad sizes or shard ids, malformed dataset files, or a shard
-            with fewer than batch_size images while drop_remainder is set.
+        ValueError: unknown name, split or channels, bad sizes or shard ids, malformed dataset files, a shard
+            with fewer than batch_size images while drop_remainder is set, or labels from a folder with fewer than
+            two class sub-folders or with images outside them.
         FileNotFoundError: root or the split's files are missing (and download is False), or a folder without
             images.
         DownloadError: a download failed or did not match its checksum.
@@ -236,6 +307,7 @@ def create_dataset(
     channels = _DEFAULT_CHANNELS[name] if channels is None else check_choice("channels", channels, (1, 3))
     num_shards, shard_id = _check_shards(num_shards, shard_id)
     root = os.fspath(root)
+    columns = ["image", "label"] if labels else ["image"]
 
     sampler = ds.DistributedSampler(num_shards, shard_id, shuffle=bool(shuffle))
     if seed is not None:
@@ -255,8 +327,8 @@ def create_dataset(
                 f"no images found under {root!r} (searched recursively for {', '.join(IMAGE_EXTENSIONS)} files)"
             )
         dataset = ds.GeneratorDataset(
-            ImageFiles(paths, image_size, channels),
-            column_names=["image"],
+            ImageFiles(paths, image_size, channels, _folder_labels(root, paths) if labels else None),
+            column_names=columns,
             sampler=sampler,
             num_parallel_workers=num_parallel_workers,
             python_multiprocessing=False,
@@ -272,7 +344,9 @@ def create_dataset(
             raise _missing_data_error(name, root, split, problems)
         reader = ds.Cifar10Dataset if name == "cifar10" else ds.MnistDataset
         dataset = reader(root, usage=split, sampler=sampler, num_parallel_workers=num_parallel_workers)
-        dataset = dataset.project(["image"])
+        dataset = dataset.project(columns)
+        if labels:  # stored as uint32
+            dataset = dataset.map(transforms.TypeCast(ms.int32), input_columns="label")
         height, width = native_image_size(name, root, split)
         ops = []
         if (height, width) != (image_size, image_size):
