@@ -7,6 +7,7 @@ import os
 import struct
 import tarfile
 import threading
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -14,9 +15,11 @@ import pytest
 from mindspore import nn
 from PIL import Image
 
-from ms_ddpm.data import DATASETS, class_names, create_dataset, fetch
+from ms_ddpm.config import Config
+from ms_ddpm.data import DATASETS, class_names, create_dataset, embedded, fetch
 from tests.helpers import MNIST5K
 
+REPO = Path(__file__).resolve().parents[1]
 needs_mnist5k = pytest.mark.skipif(not MNIST5K.is_dir(), reason=f"real MNIST subset not found at {MNIST5K}")
 
 CIFAR_RECORD = 1 + 3 * 32 * 32
@@ -191,6 +194,71 @@ def test_mnist5k_labels_are_the_idx_labels_and_change_no_image():
         assert len(images) == 2000 - 3 * 40
         np.testing.assert_array_equal(images, epoch(plain))
         np.testing.assert_array_equal(labels, [label_of[h] for h in hashes(images)])
+
+
+# ------------------------------------------------------------------------------------- the digits the package carries
+
+
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    """A fresh per-user cache folder: $XDG_CACHE_HOME/ms_ddpm."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "ms_ddpm"
+
+
+@needs_mnist5k
+def test_quick_start_configs_read_the_carried_digits_which_are_mnist5k(user_cache):
+    for config in ("unet_mnist5k_cpu.yaml", "ncsn_mnist5k_cpu.yaml"):
+        data = Config.load(REPO / "configs" / config).data
+        assert data.name == "mnist" and data.root is None and not data.download
+    assert Config().data.root is None
+    for split in ("train", "test"):
+        kwargs = dict(split=split, image_size=data.image_size, channels=data.channels, batch_size=100, shuffle=False,
+                      drop_remainder=False, labels=True)
+        images, labels = labelled_epoch(create_dataset(data.name, data.root, **kwargs))
+        assert len(images) == {"train": 4000, "test": 1000}[split]
+        expected_images, expected_labels = labelled_epoch(create_dataset("mnist", MNIST5K, **kwargs))
+        np.testing.assert_array_equal(images, expected_images)
+        np.testing.assert_array_equal(labels, expected_labels)
+    # unpacked once into the cache, byte for byte the IDX files of mnist5k, no staging folder left
+    (folder,) = user_cache.iterdir()
+    assert folder.name.startswith("mnist5k-") and sorted(os.listdir(folder)) == sorted(IDX_FILES)
+    for name in IDX_FILES:
+        assert (folder / name).read_bytes() == (MNIST5K / name).read_bytes(), name
+    packed = sorted(p.name for p in (REPO / "ms_ddpm" / "data" / "mnist5k").iterdir())
+    assert packed == sorted([f + ".gz" for f in IDX_FILES] + ["README.md"])
+
+
+def test_carried_digits_unpack_once_and_a_damaged_copy_is_replaced(user_cache, monkeypatch):
+    root = embedded.embedded_mnist_root()
+    assert os.path.dirname(root) == str(user_cache) and os.listdir(user_cache) == [os.path.basename(root)]
+    train = os.path.join(root, "train-images-idx3-ubyte")
+    before = os.stat(train).st_mtime_ns
+    assert embedded.embedded_mnist_root() == root and os.stat(train).st_mtime_ns == before  # not unpacked again
+    with open(train, "r+b") as f:  # truncated: replaced as a whole on the next call
+        f.truncate(1000)
+    assert embedded.embedded_mnist_root() == root
+    assert os.path.getsize(train) == 16 + 4000 * 28 * 28 and os.listdir(user_cache) == [os.path.basename(root)]
+    images = epoch(create_dataset("mnist", split="test", batch_size=500, shuffle=False))
+    assert images.shape == (1000, 1, 28, 28) and images.min() == -1.0 and images.max() == 1.0
+
+    monkeypatch.setenv("XDG_CACHE_HOME", train)  # a file: no folder can be made below it
+    with pytest.raises(ValueError, match=r"cannot unpack the MNIST digits .*set XDG_CACHE_HOME .*or data\.root"):
+        create_dataset("mnist")
+
+
+def test_root_none_is_an_error_for_the_other_data_sets():
+    for name, title in (("fashion_mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10")):
+        with pytest.raises(ValueError, match=rf"no root given for {title}.*data\.root.*data\.download: true"):
+            create_dataset(name)
+    with pytest.raises(ValueError, match=r"no root given for dataset 'folder': set root \(data\.root\)"):
+        create_dataset("folder")
+    with pytest.raises(ValueError, match=r"no root given for dataset 'folder'"):
+        class_names("folder")
+    with pytest.raises(ValueError, match=r"download=True \(data\.download\) needs root.*package carries"):
+        create_dataset("mnist", download=True)
+    with pytest.raises(ValueError, match=r"needs root \(data\.root\): the folder to fetch the full cifar10"):
+        fetch.download_dataset("cifar10", None)
 
 
 # ------------------------------------------------------------------------------------------- synthetic files

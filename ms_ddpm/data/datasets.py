@@ -49,6 +49,7 @@ from mindspore.dataset import transforms, vision
 from PIL import Image
 
 from ..utils import check_choice
+from .embedded import embedded_mnist_root
 from .fetch import download_dataset
 from .formats import CIFAR10_ARCHIVE_FOLDER, FILES, SPLITS, file_problems, native_image_size
 
@@ -117,6 +118,21 @@ def _missing_data_error(name, root, split, problems):
     )
 
 
+def _resolve_root(name, root):
+    """`root` as a str; for root=None the MNIST digits the package carries (see ms_ddpm/data/mnist5k/README.md) for
+    "mnist", while the other data sets have no default folder, which is a ValueError saying what to set."""
+    if root is not None:
+        return os.fspath(root)
+    if name == "mnist":
+        return embedded_mnist_root()
+    if name == "folder":
+        raise ValueError("no root given for dataset 'folder': set root (data.root) to a folder of images")
+    raise ValueError(
+        f"no root given for {_TITLES[name]}: set root (data.root) to the folder holding its files, or to the folder "
+        f"to fetch them into with download=True (data.download: true)"
+    )
+
+
 def _resolve_cifar10_root(root, split):
     """`root`, or root/cifar-10-batches-bin when root is the folder the official archive was extracted in."""
     nested = os.path.join(root, CIFAR10_ARCHIVE_FOLDER)
@@ -181,9 +197,9 @@ def class_names(name, root=None):
     check_choice("dataset", name, DATASETS)
     if name != "folder":
         return list(CLASS_NAMES[name])
-    if root is None or not os.path.isdir(root):
+    root = _resolve_root(name, root)
+    if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} does not exist; give the path to a folder of images")
-    root = os.fspath(root)
     return _folder_classes(root, list_images(root))
 
 
@@ -235,7 +251,7 @@ def to_model_input(images):
 
 def create_dataset(
     name,
-    root,
+    root=None,
     split="train",
     image_size=28,
     channels=None,
@@ -260,7 +276,9 @@ def create_dataset(
             test_batch.bin (or the folder holding the archive's cifar-10-batches-bin/); "folder": any folder of
             .png/.jpg/.jpeg/.bmp/.webp files, searched recursively, read in sorted path order (without labels,
             sub-folders are just more images; with labels, each sub-folder of root is a class, see `class_names`).
-        root: the folder described above (str or path-like).
+        root: the folder described above (str or path-like). None: for "mnist", the 4,000 train and 1,000 test
+            digits the package carries (ms_ddpm/data/mnist5k/, unpacked once into a per-user cache folder, see
+            ms_ddpm.data.embedded); the other data sets need a root.
         split: "train" or "test" (t10k-* for the IDX datasets, test_batch.bin for CIFAR-10). Ignored for "folder",
             which always reads the whole folder.
         image_size: output height and width: the shorter side is resized to it, then centre-cropped.
@@ -273,7 +291,7 @@ def create_dataset(
         num_shards, shard_id: data parallelism: this pipeline reads shard `shard_id` of `num_shards` disjoint
             shards (e.g. the device count and the rank). Give both or neither; 0 <= shard_id < num_shards.
         download: fetch, verify and unpack the official files into root when they are missing or incomplete
-            (mnist, fashion_mnist, cifar10 only; see ms_ddpm.data.fetch).
+            (mnist, fashion_mnist, cifar10 only, and a root must be given; see ms_ddpm.data.fetch).
         seed: seed of the shuffle permutations (a new one each epoch); the same seed gives the same orders on every
             run. None uses MindSpore's global dataset seed at call time. Must be the same on all shards.
         num_parallel_workers: threads for reading and per-image transforms. Folder images are decoded with PIL in
@@ -306,7 +324,6 @@ def create_dataset(
     num_parallel_workers = _check_int("num_parallel_workers", num_parallel_workers, 1)
     channels = _DEFAULT_CHANNELS[name] if channels is None else check_choice("channels", channels, (1, 3))
     num_shards, shard_id = _check_shards(num_shards, shard_id)
-    root = os.fspath(root)
     columns = ["image", "label"] if labels else ["image"]
 
     sampler = ds.DistributedSampler(num_shards, shard_id, shuffle=bool(shuffle))
@@ -316,9 +333,13 @@ def create_dataset(
         # reseed Python's and NumPy's global generators).
         sampler.seed = _check_int("seed", seed, 0, _MAX_SEED)
 
-    if name == "folder":
-        if download:
+    if download:
+        if name == "folder":
             raise ValueError("download=True needs one of 'mnist', 'fashion_mnist', 'cifar10', not 'folder'")
+        download_dataset(name, root)
+    root = _resolve_root(name, root)
+
+    if name == "folder":
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist; give the path to a folder of images")
         paths = list_images(root)
@@ -335,8 +356,6 @@ def create_dataset(
         )
         ops = []
     else:
-        if download:
-            download_dataset(name, root)
         if name == "cifar10":
             root = _resolve_cifar10_root(root, split)
         problems = file_problems(name, root, (split,))
