@@ -4,7 +4,10 @@ import hashlib
 import http.server
 import io
 import os
+import re
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -12,11 +15,12 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 import pytest
+import yaml
 from mindspore import nn
 from PIL import Image
 
 from ms_ddpm.config import Config
-from ms_ddpm.data import DATASETS, class_names, create_dataset, embedded, fetch
+from ms_ddpm.data import DATASETS, ImageReadError, class_names, create_dataset, embedded, fetch, pipeline_error
 from tests.helpers import MNIST5K
 
 REPO = Path(__file__).resolve().parents[1]
@@ -423,6 +427,50 @@ def test_folder_sub_folders_are_the_classes(tmp_path):
     np.testing.assert_array_equal(images, epoch(create_dataset("folder", root, **kwargs)))
     label_of = {30: 0, 40: 1, 50: 1, 10: 2, 20: 2}
     np.testing.assert_array_equal(labels, [label_of[v] for v in np.round((images[:, 0, 0, 0] + 1) * 127.5)])
+
+
+def write_corrupt_folder(root):
+    """Three good 8x8 PNGs and one file that ends after its PNG header: the pipeline fails at the first batch."""
+    root.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
+    (root / "3_broken.png").write_bytes((root / "0.png").read_bytes()[:40])
+    return root / "3_broken.png"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unreadable_image_is_recovered_from_the_pipeline_error(tmp_path, workers):
+    broken = write_corrupt_folder(tmp_path / "images")
+    dataset = create_dataset("folder", tmp_path / "images", image_size=8, batch_size=4, num_parallel_workers=workers)
+    with pytest.raises(RuntimeError) as err:  # what MindSpore's engine raises, with a traceback in the message
+        epoch(dataset)
+    assert "Traceback" in str(err.value)
+    found = pipeline_error(err.value)
+    assert isinstance(found, ImageReadError) and isinstance(found, ValueError)
+    assert str(found).startswith(f"cannot read image {str(broken)!r}: ") and "\n" not in str(found)
+    assert str(found).endswith("delete or replace that file")
+    assert pipeline_error(RuntimeError("some other failure")) is None
+
+
+def test_unreadable_image_ends_the_cli_with_one_line_and_status_2(tmp_path):
+    broken = write_corrupt_folder(tmp_path / "images")
+    config = {
+        "model": {"name": "unet", "kwargs": {"dim": 8, "dim_mults": [1, 2], "channels": 3, "heads": 1, "dim_head": 8}},
+        "diffusion": {"num_timesteps": 10},
+        "data": {"name": "folder", "root": str(tmp_path / "images"), "image_size": 8, "channels": 3},
+        "train": {"output_dir": str(tmp_path / "run"), "batch_size": 4, "steps": 2, "warmup_steps": 0,
+                  "sample_every": 0, "sample_steps": 5, "save_every": 2, "mode": "pynative"},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "ms_ddpm.cli", "train", "--config", str(tmp_path / "config.yaml")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # stderr also holds the progress bar (drawn without a newline) and MindSpore's warnings
+    stderr = re.sub(r"train: [^\r\n]*?\]", "", proc.stderr)
+    lines = [line for line in re.split(r"[\r\n]+", stderr) if line.strip() and "WARNING" not in line]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, lines
+    assert lines[0].startswith(f"ms-ddpm train: error: cannot read image {str(broken)!r}: "), lines
+    assert lines[0].endswith("delete or replace that file"), lines
 
 
 # ------------------------------------------------------------------------------------------------------ download

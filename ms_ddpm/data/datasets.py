@@ -41,6 +41,7 @@ The pipeline runs on the host, so it feeds a network the same way in PyNative an
 take it directly (its only column becomes the network's only input).
 """
 import os
+import re
 
 import mindspore as ms
 import mindspore.dataset as ds
@@ -142,6 +143,22 @@ def _resolve_cifar10_root(root, split):
     return root
 
 
+class ImageReadError(ValueError):
+    """An image file of a folder dataset that cannot be decoded; the message names the file."""
+
+
+def pipeline_error(err):
+    """The ImageReadError behind `err`, or None.
+
+    An exception raised by a pipeline's Python source reaches the loop that iterates the pipeline as a
+    RuntimeError from MindSpore's C++ engine whose message holds the source's traceback as text (the original
+    exception is not chained), so a user-facing error is recovered from that text: the last line that
+    ImageReadError wrote.
+    """
+    found = re.findall(r"ImageReadError: (cannot read image .*)", str(err))
+    return ImageReadError(found[-1]) if found else None
+
+
 def list_images(root):
     """Sorted paths of the files under `root` (recursively) whose extension is one of IMAGE_EXTENSIONS."""
     paths = []
@@ -160,7 +177,7 @@ def load_image(path, image_size, channels):
         with Image.open(path) as img:
             img.load()
     except Exception as err:  # PIL raises several types for unreadable files
-        raise ValueError(f"cannot read image {path!r}: {err}") from None
+        raise ImageReadError(f"cannot read image {path!r}: {err}; delete or replace that file") from None
     if img.mode in ("I", "I;16", "I;16B", "I;16L"):
         # 16-bit grayscale (e.g. some PNGs): convert("L") would clip at 255 instead of rescaling.
         img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) / 257.0 + 0.5, 0, 255).astype(np.uint8))
