@@ -21,6 +21,7 @@ from PIL import Image
 
 from ms_ddpm.config import Config
 from ms_ddpm.data import DATASETS, ImageReadError, class_names, create_dataset, embedded, fetch, pipeline_error
+from ms_ddpm.data.datasets import default_workers, to_model_input
 from tests.helpers import MNIST5K
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +33,8 @@ IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 
 def scaled(raw_uint8):
-    """The documented mapping x / 127.5 - 1, in float32."""
-    return raw_uint8.astype(np.float32) / np.float32(127.5) - np.float32(1)
+    """The documented mapping (x - 127.5) / 127.5, in float32."""
+    return (raw_uint8.astype(np.float32) - np.float32(127.5)) / np.float32(127.5)
 
 
 def epoch(dataset, column="image"):
@@ -103,7 +104,7 @@ def test_mnist5k_batches_are_float32_nchw_in_minus_one_one():
     images = epoch(dataset)
     assert images.dtype == np.float32 and images.shape == (4000 // 64 * 64, 1, 28, 28)
     assert images.min() == -1.0 and images.max() == 1.0
-    # shuffle=False keeps file order, so the batches are exactly the IDX pixels mapped by x / 127.5 - 1
+    # shuffle=False keeps file order, so the batches are exactly the IDX pixels mapped by (x - 127.5) / 127.5
     raw = read_idx_images(MNIST5K / "train-images-idx3-ubyte")
     np.testing.assert_array_equal(images[:, 0], scaled(raw[: len(images)]))
 
@@ -291,6 +292,43 @@ def test_fashion_mnist_idx_round_trips_exactly(tmp_path):
     ]
     rgb = epoch(create_dataset("fashion_mnist", tmp_path, split="test", batch_size=6, shuffle=False, channels=3))
     np.testing.assert_array_equal(rgb, np.repeat(scaled(test)[:, None], 3, axis=1))
+
+
+def test_every_pixel_value_maps_to_the_nearest_float32_of_its_exact_scaling(tmp_path):
+    """(x - 127.5) / 127.5 is exact before its one rounding: 0 -> -1 and 255 -> 1 exactly, and every value the
+    float32 nearest to the exact one, on each path (MNIST IDX, grayscale to RGB, CIFAR-10 RGB to gray, a folder)."""
+    values = np.resize(np.arange(256, dtype=np.uint8), (1, 28, 28))  # every value, some twice
+    exact = ((values.astype(np.float64) - 127.5) / 127.5).astype(np.float32)
+    assert exact.min() == -1.0 and exact.max() == 1.0
+    np.testing.assert_array_equal(to_model_input(values[..., None])[0], exact)  # the NumPy twin, bit for bit
+    write_idx(tmp_path / "idx", "train", values)
+    gray = epoch(create_dataset("mnist", tmp_path / "idx", batch_size=1))
+    np.testing.assert_array_equal(gray[0], exact)
+    rgb = epoch(create_dataset("mnist", tmp_path / "idx", channels=3, batch_size=1))
+    np.testing.assert_array_equal(rgb[0], np.repeat(exact, 3, axis=0))
+    # a CIFAR-10 record whose three planes are equal: its luma is the plane itself, through RGB2GRAY and back
+    plane = np.resize(np.arange(256, dtype=np.uint8), (32, 32))
+    record = np.concatenate([[3], np.tile(plane.reshape(-1), 3)]).astype(np.uint8).tobytes()
+    write_cifar_file(tmp_path / "cifar" / "test_batch.bin", record)
+    luma = create_dataset("cifar10", tmp_path / "cifar", split="test", image_size=32, channels=1, batch_size=1,
+                          shuffle=False)
+    (first,) = next(luma.create_tuple_iterator(output_numpy=True, num_epochs=1))
+    assert first.shape == (1, 1, 32, 32)
+    np.testing.assert_array_equal(first[0, 0], ((plane.astype(np.float64) - 127.5) / 127.5).astype(np.float32))
+    (tmp_path / "png").mkdir()
+    Image.fromarray(values[0]).save(tmp_path / "png" / "ramp.png")
+    folder = epoch(create_dataset("folder", tmp_path / "png", image_size=28, channels=1, batch_size=1))
+    np.testing.assert_array_equal(folder[0], exact)
+
+
+def test_worker_counts_default_to_the_usable_cores_and_are_capped():
+    assert default_workers() == min(8, len(os.sched_getaffinity(0)))
+    folder = MNIST5K if MNIST5K.is_dir() else None
+    plain = epoch(create_dataset("mnist", folder, split="test", batch_size=100, shuffle=False, num_parallel_workers=1))
+    for workers in (None, os.cpu_count() + 3):  # MindSpore itself refuses more workers than cores
+        dataset = create_dataset("mnist", folder, split="test", batch_size=100, shuffle=False,
+                                 num_parallel_workers=workers)
+        np.testing.assert_array_equal(epoch(dataset), plain)
 
 
 def test_cifar10_binary_round_trips_exactly(tmp_path):
@@ -670,4 +708,7 @@ def test_mismatched_idx_files_are_reported(tmp_path):
         create_dataset("mnist", tmp_path, batch_size=1)
     (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_bytes(images=np.zeros((3, 28, 28), np.uint8))[:-5])
     with pytest.raises(ValueError, match=r"idx3-ubyte: 2363 bytes, but its header \(3, 28, 28\) needs 2368"):
+        create_dataset("mnist", tmp_path, batch_size=1)
+    write_idx(tmp_path, "train", np.zeros((3, 16, 16), np.uint8))  # MnistDataset would fail at the first batch
+    with pytest.raises(ValueError, match=r"16x16 images, but MindSpore's MnistDataset reads 28x28 ones only"):
         create_dataset("mnist", tmp_path, batch_size=1)

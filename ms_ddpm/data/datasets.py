@@ -4,14 +4,22 @@ Every pipeline has the column "image", and with `labels=True` also "label" (int3
 `class_names`). Per image:
 
     read  ->  resize (shorter side to image_size)  ->  centre crop image_size x image_size
-          ->  random horizontal flip (optional)  ->  1 or 3 channels  ->  batch  ->  HWC -> CHW, x / 127.5 - 1
+          ->  1 or 3 channels  ->  random horizontal flip (optional)  ->  (x - 127.5) / 127.5  ->  HWC -> CHW
+          ->  batch
+
+Everything after "read" is MindSpore's C++ operations, run per image by `num_parallel_workers` threads outside
+the GIL; MNIST, Fashion-MNIST and CIFAR-10 are also read in C++. Folders of images are decoded and resized with
+PIL in Python (`load_image`), in worker processes when num_parallel_workers > 1: threads would serialise on
+the GIL, and measured slower than one thread (see `scripts/data_throughput.py`).
 
 Choices and why:
     * [-1, 1] scaling: Ho et al. 2020 (DDPM), Sec. 3.3: "We assume that image data consists of integers in
       {0, 1, ..., 255} scaled linearly to [-1, 1]", which is the range the reverse process starts from (x_T ~ N(0, I))
-      and that `GaussianDiffusion(clip_denoised=True)` clips to. The scaling is done on the uint8 batch in NumPy
-      (float32 x / 127.5 - 1), so 0 and 255 map to exactly -1 and 1; MindSpore's Rescale(1 / 127.5, -1) gives
-      1.0000001 for 255 because 1 / 127.5 is not exact in float32.
+      and that `GaussianDiffusion(clip_denoised=True)` clips to. The scaling is MindSpore's
+      Normalize(mean=127.5, std=127.5): (x - 127.5) / 127.5, in which x - 127.5 is exact in float32, so each
+      value is the float32 nearest to the exact one and 0 and 255 map to exactly -1 and 1. Rescale(1 / 127.5, -1)
+      was rejected: it gives 1.0000001 for 255, because 1 / 127.5 is not exact in float32. `to_model_input` is
+      the same mapping in NumPy, bit for bit, for arrays read outside a pipeline.
     * Random horizontal flip is the only augmentation DDPM used (on CIFAR-10, Appendix B); it is off by default
       because it is wrong for digits and text.
     * Resizing: the fixed-size datasets (MNIST, Fashion-MNIST 28x28, CIFAR-10 32x32) are left untouched at their
@@ -52,7 +60,7 @@ from PIL import Image
 from ..utils import check_choice
 from .embedded import embedded_mnist_root
 from .fetch import download_dataset
-from .formats import CIFAR10_ARCHIVE_FOLDER, FILES, SPLITS, file_problems, native_image_size
+from .formats import CIFAR10_ARCHIVE_FOLDER, FILES, NATIVE_IMAGE_SIZE, SPLITS, file_problems
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -260,10 +268,19 @@ class ImageFiles:
 
 
 def to_model_input(images):
-    """uint8 (B, H, W, C) or (B, H, W) -> float32 (B, C, H, W) in [-1, 1], x / 127.5 - 1 (Ho et al. Sec. 3.3)."""
-    if images.ndim == 3:  # OpenCV's RGB2GRAY drops the channel axis
+    """uint8 (B, H, W, C) or (B, H, W) -> float32 (B, C, H, W) in [-1, 1]: (x - 127.5) / 127.5 (Ho et al. Sec. 3.3),
+    the pipelines' Normalize(127.5, 127.5) in NumPy, bit for bit."""
+    if images.ndim == 3:
         images = images[..., None]
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / np.float32(127.5) - np.float32(1)
+    half = np.float32(127.5)
+    return (np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) - half) / half
+
+
+def default_workers():
+    """Dataset workers when none are asked for: the cores this process may run on (the launcher's binding,
+    e.g. msrun --bind_core), at most 8, as mindcv's and MindSpore's defaults."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, usable))
 
 
 def create_dataset(
@@ -279,7 +296,7 @@ def create_dataset(
     shard_id=None,
     download=False,
     seed=None,
-    num_parallel_workers=1,
+    num_parallel_workers=None,
     drop_remainder=True,
     labels=False,
 ):
@@ -311,9 +328,12 @@ def create_dataset(
             (mnist, fashion_mnist, cifar10 only, and a root must be given; see ms_ddpm.data.fetch).
         seed: seed of the shuffle permutations (a new one each epoch); the same seed gives the same orders on every
             run. None uses MindSpore's global dataset seed at call time. Must be the same on all shards.
-        num_parallel_workers: threads for reading and per-image transforms. Folder images are decoded with PIL in
-            threads, not processes: PIL releases the GIL while decoding and resizing, and threads avoid the
-            shared-memory limits that MindSpore's worker processes hit in containers.
+        num_parallel_workers: workers for reading and per-image transforms; None: `default_workers()`, the
+            usable cores up to 8. More than the machine's cores are capped at its core count (MindSpore refuses
+            them). Folders of images are decoded in that many Python processes when it is above 1 (see the
+            module docstring); they pass images through shared memory (/dev/shm), which some containers keep
+            small: if workers fail there, enlarge it (docker run --shm-size) or call
+            `mindspore.dataset.config.set_enable_shared_mem(False)`.
         drop_remainder: drop the last incomplete batch, so every batch has batch_size images (what a compiled
             training step wants).
         labels: also give each image's class label (index into `class_names(name, root)`), as a second column
@@ -338,7 +358,9 @@ def create_dataset(
     check_choice("split", split, SPLITS)
     image_size = _check_int("image_size", image_size, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
-    num_parallel_workers = _check_int("num_parallel_workers", num_parallel_workers, 1)
+    if num_parallel_workers is None:
+        num_parallel_workers = default_workers()
+    num_parallel_workers = min(_check_int("num_parallel_workers", num_parallel_workers, 1), os.cpu_count() or 1)
     channels = _DEFAULT_CHANNELS[name] if channels is None else check_choice("channels", channels, (1, 3))
     num_shards, shard_id = _check_shards(num_shards, shard_id)
     columns = ["image", "label"] if labels else ["image"]
@@ -369,7 +391,7 @@ def create_dataset(
             column_names=columns,
             sampler=sampler,
             num_parallel_workers=num_parallel_workers,
-            python_multiprocessing=False,
+            python_multiprocessing=num_parallel_workers > 1,
         )
         ops = []
     else:
@@ -383,20 +405,23 @@ def create_dataset(
         dataset = dataset.project(columns)
         if labels:  # stored as uint32
             dataset = dataset.map(transforms.TypeCast(ms.int32), input_columns="label")
-        height, width = native_image_size(name, root, split)
+        height, width = NATIVE_IMAGE_SIZE[name]
         ops = []
         if (height, width) != (image_size, image_size):
             shrink = image_size < min(height, width)
             ops.append(vision.Resize(image_size, vision.Inter.AREA if shrink else vision.Inter.BICUBIC))
             ops.append(vision.CenterCrop(image_size))
-        stored = _STORED_CHANNELS[name]
-        if stored != channels:
-            mode = vision.ConvertMode.COLOR_GRAY2RGB if channels == 3 else vision.ConvertMode.COLOR_RGB2GRAY
-            ops.append(vision.ConvertColor(mode))
+        if (_STORED_CHANNELS[name], channels) == (1, 3):
+            ops.append(vision.ConvertColor(vision.ConvertMode.COLOR_GRAY2RGB))
+        elif (_STORED_CHANNELS[name], channels) == (3, 1):
+            # OpenCV's RGB2GRAY drops the channel axis and no C++ operation adds one back: repeat the plane and
+            # keep the first copy, (H, W, 1)
+            ops += [vision.ConvertColor(vision.ConvertMode.COLOR_RGB2GRAY),
+                    vision.ConvertColor(vision.ConvertMode.COLOR_GRAY2RGB), transforms.Slice(True, True, slice(0, 1))]
     if random_flip:
         ops.append(vision.RandomHorizontalFlip(0.5))
-    if ops:
-        dataset = dataset.map(ops, input_columns="image", num_parallel_workers=num_parallel_workers)
+    ops += [vision.Normalize([127.5] * channels, [127.5] * channels), vision.HWC2CHW()]
+    dataset = dataset.map(ops, input_columns="image", num_parallel_workers=num_parallel_workers)
 
     num_images = dataset.get_dataset_size()
     if drop_remainder and num_images < batch_size:
@@ -404,7 +429,6 @@ def create_dataset(
             f"{name} {split} has {num_images} images per shard, fewer than batch_size={batch_size}: with "
             f"drop_remainder=True every batch would be dropped. Lower batch_size or pass drop_remainder=False."
         )
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    dataset = dataset.map(to_model_input, input_columns="image")
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, num_parallel_workers=num_parallel_workers)
     dataset.num_images = num_images
     return dataset
