@@ -9,8 +9,8 @@ processes included) and the images/s after it. `--host-work-ms M` spends M ms of
 in the reading loop, holding the GIL as a training loop's host side does; a pipeline stage that needs the GIL
 then competes with it (the figure to compare is images/s against 1000 * batch_size / M, the loop's own limit).
 The worker counts take turns within each repeat (1 2 1 2 ...), so a machine busy with other work slows them
-alike; medians are printed. `--pngs N` writes N 64x64 RGB PNG files, made from MNIST digits (tinted, upscaled), into
-`--root` (a temporary folder without it) and reads that folder with dataset "folder".
+alike; medians are printed. `--pngs N` writes N RGB PNG files of `--png-size` pixels square, made from MNIST digits
+(tinted, upscaled), into `--root` (a temporary folder without it) and reads that folder with dataset "folder".
 """
 import argparse
 import json
@@ -27,10 +27,10 @@ from ms_ddpm.data import create_dataset
 from ms_ddpm.metrics.evaluate import machine_description
 
 
-def write_pngs(folder, count, root):
-    """`count` 64x64 RGB PNGs from the first MNIST digits of `root` (None: the digits the package carries)."""
+def write_pngs(folder, count, size):
+    """`count` RGB PNGs of size x size pixels from the first MNIST digits the package carries."""
     digits = []
-    for (x,) in create_dataset("mnist", root, batch_size=500, shuffle=False).create_tuple_iterator(
+    for (x,) in create_dataset("mnist", None, batch_size=500, shuffle=False).create_tuple_iterator(
             output_numpy=True, num_epochs=1):
         digits.append(np.round((x[:, 0] + 1) * 127.5).astype(np.uint8))
         if sum(map(len, digits)) >= count:
@@ -39,7 +39,7 @@ def write_pngs(folder, count, root):
     tints = np.random.default_rng(0).uniform(0.3, 1.0, (count, 3))
     for i, (digit, tint) in enumerate(zip(digits, tints)):
         rgb = (digit[..., None] * tint).astype(np.uint8)
-        Image.fromarray(rgb).resize((64, 64), Image.BILINEAR).save(os.path.join(folder, f"{i:05d}.png"))
+        Image.fromarray(rgb).resize((size, size), Image.BICUBIC).save(os.path.join(folder, f"{i:05d}.png"))
 
 
 def host_work(seconds):
@@ -70,6 +70,7 @@ def main(argv=None):
     p.add_argument("--root", default=None, help="data folder (mnist: default the digits the package carries)")
     p.add_argument("--pngs", type=int, default=0, help="folder: first write this many PNGs into --root (default: a "
                    "temporary folder)")
+    p.add_argument("--png-size", type=int, default=256, help="height and width of the PNGs --pngs writes")
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--channels", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=32)
@@ -83,7 +84,7 @@ def main(argv=None):
         if args.dataset == "folder" and args.pngs:
             root = root or scratch
             os.makedirs(root, exist_ok=True)
-            write_pngs(root, args.pngs, None)
+            write_pngs(root, args.pngs, args.png_size)
         measure(args, root, args.workers[0])  # warm-up: imports, file cache, thread pools
         runs = {w: [] for w in args.workers}
         for _ in range(args.repeats):

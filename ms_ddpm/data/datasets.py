@@ -9,8 +9,10 @@ Every pipeline has the column "image", and with `labels=True` also "label" (int3
 
 Everything after "read" is MindSpore's C++ operations, run per image by `num_parallel_workers` threads outside
 the GIL; MNIST, Fashion-MNIST and CIFAR-10 are also read in C++. Folders of images are decoded and resized with
-PIL in Python (`load_image`), in worker processes when num_parallel_workers > 1: threads would serialise on
-the GIL, and measured slower than one thread (see `scripts/data_throughput.py`).
+PIL in Python (`load_image`), in worker processes when num_parallel_workers > 1: two threads serialise on the
+GIL and ran 3-4x slower than one (`scripts/data_throughput.py`); a process costs about a third more CPU per
+image than the in-process thread (passing images back through shared memory), so processes pay off where
+cores are spare, which is why `default_workers()` leaves one core to the training loop.
 
 Choices and why:
     * [-1, 1] scaling: Ho et al. 2020 (DDPM), Sec. 3.3: "We assume that image data consists of integers in
@@ -277,10 +279,11 @@ def to_model_input(images):
 
 
 def default_workers():
-    """Dataset workers when none are asked for: the cores this process may run on (the launcher's binding,
-    e.g. msrun --bind_core), at most 8, as mindcv's and MindSpore's defaults."""
+    """Dataset workers when none are asked for: the cores this process may run on (the launcher's binding, e.g.
+    msrun --bind_core) but one, left to the training loop's host thread; at least 1, at most 8 (mindcv's and
+    MindSpore's default)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, usable))
+    return max(1, min(8, usable - 1))
 
 
 def create_dataset(
@@ -329,7 +332,7 @@ def create_dataset(
         seed: seed of the shuffle permutations (a new one each epoch); the same seed gives the same orders on every
             run. None uses MindSpore's global dataset seed at call time. Must be the same on all shards.
         num_parallel_workers: workers for reading and per-image transforms; None: `default_workers()`, the
-            usable cores up to 8. More than the machine's cores are capped at its core count (MindSpore refuses
+            usable cores but one, up to 8. More than the machine's cores are capped at its core count (MindSpore refuses
             them). Folders of images are decoded in that many Python processes when it is above 1 (see the
             module docstring); they pass images through shared memory (/dev/shm), which some containers keep
             small: if workers fail there, enlarge it (docker run --shm-size) or call
