@@ -11,6 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -70,7 +71,9 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     name: str = "mnist"  # mnist | fashion_mnist | cifar10 | folder
-    root: str = "../shared/data/mnist5k"  # dataset folder (relative paths are taken from the working directory)
+    # dataset folder (relative paths are taken from the working directory); None: for mnist, the 4,000 + 1,000 real
+    # digits the package carries (ms_ddpm/data/mnist5k/README.md), so the quick start needs nothing beside it
+    root: Optional[str] = None
     image_size: int = 28  # images are resized and centre-cropped to this size
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     random_flip: bool = False  # random horizontal flips (CIFAR-10 in the DDPM paper)
