@@ -77,9 +77,10 @@ def evaluate_main(args):
     common = dict(num=args.num, batch_size=args.batch_size, seed=args.seed, feature_ckpt=args.features,
                   data_root=args.data_root, mode=args.mode, device=args.device)
     if args.real_floor:
-        if args.bpd_batches or args.bpd_ode_batches or args.guidance_scale != 1:
-            raise ValueError("--real-floor compares real images only: drop --bpd-batches, --bpd-ode-batches and "
-                             "--guidance-scale")
+        if args.bpd_batches or args.bpd_ode_batches:
+            raise ValueError("--real-floor compares real images only: drop --bpd-batches and --bpd-ode-batches")
+        if args.guidance_scale != 1:
+            raise ValueError("--real-floor compares real images only: drop --guidance-scale")
         result = real_floor(args.ckpt, **common)
     else:
         result = evaluate(args.ckpt, args.sampler, args.steps, bpd_batches=args.bpd_batches,

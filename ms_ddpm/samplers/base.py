@@ -37,7 +37,9 @@ class FusedStep(nn.Cell):
     """
 
     def __init__(self, model, sampler):
-        super().__init__()
+        # auto_prefix=False: wrapping must not rename the network's parameters ("model.<name>"), which would no
+        # longer match its checkpoints
+        super().__init__(auto_prefix=False)
         self.model = model
         self.sampler = sampler
 
