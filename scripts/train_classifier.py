@@ -8,7 +8,7 @@ prints the accuracy on the test split (1,000 digits) and the wall time, sets the
 train digits' features, see ms_ddpm.metrics.features), and writes the checkpoint atomically (weights, constructor
 arguments, test accuracy, seed and epochs). Images are scaled to [-1, 1] by the library's
 `to_model_input`, as for the diffusion models. The IDX files are read with `mindspore.dataset.MnistDataset`
-directly because ms_ddpm's `create_dataset` drops the labels (unconditional generation).
+directly: the random shifts work on the uint8 images, before the scaling that `create_dataset` applies.
 
 Exit status 2 with one line on stderr for a missing data folder or bad arguments.
 """

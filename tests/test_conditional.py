@@ -4,7 +4,6 @@ conditioning that survives a resume, one sampling network per run, `ms-ddpm eval
 The runs are PyNative (8 steps of a 12k-parameter U-Net on 8x8 digits take seconds op by op; graph-mode conditional
 training runs in tutorials/07_conditional_guidance.ipynb)."""
 import json
-from pathlib import Path
 from unittest import mock
 
 import mindspore as ms
@@ -20,6 +19,7 @@ from ms_ddpm.metrics.features import MNISTClassifier, save_feature_extractor
 from ms_ddpm.models import create_model
 from ms_ddpm.train.trainer import Trainer, step_randomness
 from tests.helpers import MNIST5K
+from tests.test_ncsn_training import read_losses, weights
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -39,15 +39,6 @@ def cond_config(output_dir, **train):
         "data": {"name": "mnist", "root": str(MNIST5K), "image_size": 8},
         "train": t,
     })
-
-
-def read_losses(output_dir):
-    lines = (Path(output_dir) / "train_log.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
-
-
-def weights(net):
-    return {p.name: p.asnumpy().copy() for p in net.trainable_params()}
 
 
 @pytest.fixture(scope="module")

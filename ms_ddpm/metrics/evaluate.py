@@ -232,8 +232,9 @@ def evaluate(ckpt, sampler=None, steps=None, num=1000, batch_size=250, seed=0, f
     if bpd_ode_batches:
         _log(f"bits/dim (ODE): up to {2 * (bpd_ode_steps - 1)} network evaluations, each with a vector-Jacobian "
              f"product, per batch of {batch_size} test images ({bpd_ode_batches} batch(es))")
-        bpd_ode, bpd_ode_images = _mean_bpd(real_test, real_labels, bpd_ode_batches, batch_size, lambda x, y, i: ode_bpd(
-            process, net, x, num_steps=bpd_ode_steps, dequantize=True, seed=seed + i, progress=progress, cond=y))
+        bpd_ode, bpd_ode_images = _mean_bpd(
+            real_test, real_labels, bpd_ode_batches, batch_size, lambda x, y, i: ode_bpd(
+                process, net, x, num_steps=bpd_ode_steps, dequantize=True, seed=seed + i, progress=progress, cond=y))
 
     return {
         "checkpoint": str(ckpt), "checkpoint_step": pipe.checkpoint_step, "weights": pipe.weights,

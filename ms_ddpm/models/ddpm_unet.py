@@ -19,7 +19,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from ..utils import check_int
-from .embeddings import timestep_embedding
+from .embeddings import add_class_embedding, timestep_embedding
 from .normalization import GroupNorm
 
 __all__ = ["DDPMUNet", "convert_diffusers_state_dict", "load_diffusers_weights"]
@@ -304,16 +304,7 @@ class DDPMUNet(nn.Cell):
             )
         # freq_shift 1 and sin-before-cos: the DDPM/TF ordering used by the google/ddpm-* checkpoints.
         temb = self.time_embedding(timestep_embedding(t, self.ch, flip_sin_to_cos=False, downscale_freq_shift=1))
-        # the class embedding is added to the time embedding (diffusers' UNet2DModel with class_embed_type=None)
-        if self.class_embedding is None:
-            if cond is not None:
-                raise ValueError("DDPMUNet: this network is unconditional (built without num_class_embeds): it "
-                                 "takes no class labels (cond)")
-        else:
-            if cond is None:
-                raise ValueError("DDPMUNet: this network is class-conditional (num_class_embeds): pass cond, (B,) "
-                                 "int32 class labels")
-            temb = temb + self.class_embedding(cond)
+        temb = add_class_embedding(temb, self.class_embedding, cond, "DDPMUNet", "num_class_embeds")
 
         h = self.conv_in(x)
         skips = (h,)

@@ -1,4 +1,5 @@
-"""Sinusoidal timestep embedding shared by every network in `ms_ddpm.models`."""
+"""Embeddings shared by every network in `ms_ddpm.models`: the sinusoidal timestep embedding, and the class
+embedding that conditions a network through its time embedding."""
 import math
 
 import mindspore as ms
@@ -44,3 +45,19 @@ class SinusoidalPositionEmbeddings(nn.Cell):
 
     def construct(self, timesteps):
         return timestep_embedding(timesteps, self.dim, self.flip_sin_to_cos, self.downscale_freq_shift)
+
+
+def add_class_embedding(temb, class_embedding, cond, network, argument):
+    """temb + class_embedding(cond): the label conditions the network wherever the time does (diffusers'
+    `UNet2DModel` with class_embed_type None; the annotated U-Net likewise). A network built without a class
+    embedding (`class_embedding` None) refuses labels, one built with one requires them; `network` and `argument`
+    (the constructor argument that adds the embedding) name them in the message."""
+    if class_embedding is None:
+        if cond is not None:
+            raise ValueError(f"{network}: this network is unconditional (built without {argument}): it takes no "
+                             "class labels (cond)")
+        return temb
+    if cond is None:
+        raise ValueError(f"{network}: this network is class-conditional ({argument}): pass cond, (B,) int32 class "
+                         "labels")
+    return temb + class_embedding(cond)

@@ -11,7 +11,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ..utils import check_choice, check_int
-from .embeddings import SinusoidalPositionEmbeddings
+from .embeddings import SinusoidalPositionEmbeddings, add_class_embedding
 from .normalization import GroupNorm
 
 BLOCK_TYPES = ("resnet", "convnext")
@@ -323,16 +323,7 @@ class Unet(nn.Cell):
             )
         x = self.init_conv(x)
         r = x
-        t = self.time_mlp(time)
-        if self.class_embedding is None:
-            if cond is not None:
-                raise ValueError("Unet: this network is unconditional (built without num_classes): it takes no "
-                                 "class labels (cond)")
-        else:
-            if cond is None:
-                raise ValueError("Unet: this network is class-conditional (num_classes): pass cond, (B,) int32 "
-                                 "labels, the null label num_classes for the unconditional branch")
-            t = t + self.class_embedding(cond)
+        t = add_class_embedding(self.time_mlp(time), self.class_embedding, cond, "Unet", "num_classes")
         skips = []
         for level in self.downs:
             x = level.block1(x, t)
