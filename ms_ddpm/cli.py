@@ -14,6 +14,7 @@ import numpy as np
 
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError
+from .data import pipeline_error
 from .data.fetch import DownloadError
 from .samplers import DIFFUSION_SAMPLERS, NCSN_SAMPLERS, SAMPLERS
 
@@ -174,6 +175,12 @@ def main(argv=None):
         args.func(args)
     except USER_ERRORS as err:
         print(f"ms-ddpm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # a data pipeline's failure arrives wrapped by MindSpore's engine
+        user_error = pipeline_error(err)
+        if user_error is None:
+            raise
+        print(f"ms-ddpm {args.command}: error: {user_error}", file=sys.stderr)
         return 2
     return 0
 
