@@ -85,7 +85,9 @@ class DataConfig:
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     random_flip: bool = False  # random horizontal flips (CIFAR-10 in the DDPM paper)
     download: bool = False  # fetch the official archive when root is missing
-    num_parallel_workers: int = 1  # dataset worker threads
+    # workers reading and transforming images; None: the data package's default (the usable cores but one, at
+    # most 8: `ms_ddpm.data.datasets.default_workers`)
+    num_parallel_workers: Optional[int] = None
     # class names in label order (label i is class_names[i]); class-conditional runs fill them in from the data
     class_names: Optional[list] = None
 

@@ -19,7 +19,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from ..utils import check_int
-from .embeddings import add_class_embedding, timestep_embedding
+from .embeddings import add_class_embedding, class_embedding_table, timestep_embedding
 from .normalization import GroupNorm
 
 __all__ = ["DDPMUNet", "convert_diffusers_state_dict", "load_diffusers_weights"]
@@ -268,7 +268,8 @@ class DDPMUNet(nn.Cell):
         self.conv_in = _conv3x3(in_channels, widths[0])
         self.time_embedding = TimestepEmbedding(ch, temb_channels)
         self.num_class_embeds = num_class_embeds
-        self.class_embedding = None if num_class_embeds is None else nn.Embedding(num_class_embeds, temb_channels)
+        self.class_embedding = (None if num_class_embeds is None
+                                else class_embedding_table(num_class_embeds, temb_channels))
 
         down_blocks = []
         for level in range(num_levels):

@@ -11,7 +11,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ..utils import check_choice, check_int
-from .embeddings import SinusoidalPositionEmbeddings, add_class_embedding
+from .embeddings import SinusoidalPositionEmbeddings, add_class_embedding, class_embedding_table
 from .normalization import GroupNorm
 
 BLOCK_TYPES = ("resnet", "convnext")
@@ -290,7 +290,7 @@ class Unet(nn.Cell):
         )
         #: rows of the class embedding: the N classes and the null label (None: unconditional)
         self.num_class_embeds = None if num_classes is None else num_classes + 1
-        self.class_embedding = None if num_classes is None else nn.Embedding(num_classes + 1, time_dim)
+        self.class_embedding = None if num_classes is None else class_embedding_table(num_classes + 1, time_dim)
         dims = [init_dim] + [dim * m for m in dim_mults]
         in_out = list(zip(dims[:-1], dims[1:]))
         downs = []
