@@ -23,8 +23,9 @@ class ModelConfig:
 
 
 PROCESSES = ("ddpm", "ncsn")
-# diffusion keys of process "ncsn"; all others (but `process`) belong to "ddpm"
+# diffusion keys of process "ncsn"; all others but COMMON_KEYS belong to "ddpm"
 NCSN_KEYS = ("sigma_max", "sigma_min", "num_noise_levels", "langevin_step_lr")
+COMMON_KEYS = ("process", "cond_drop_prob")
 
 
 @dataclass
@@ -38,6 +39,9 @@ class DiffusionConfig:
     """
 
     process: str = "ddpm"  # ddpm (Gaussian diffusion chain) | ncsn (noise-conditional score network)
+    # classifier-free guidance (Ho & Salimans 2021, Algorithm 1): the probability with which training replaces a
+    # class label by the null label, so one network also learns the unconditional model; class-conditional models only
+    cond_drop_prob: float = 0.0
     # process ddpm
     num_timesteps: int = 1000  # T, training chain length
     beta_schedule: str = "linear"  # linear | cosine | quadratic | sigmoid
@@ -59,9 +63,12 @@ class DiffusionConfig:
     def __post_init__(self):
         if self.process not in PROCESSES:
             raise ConfigError(f"diffusion.process must be one of {list(PROCESSES)}, got {self.process!r}")
+        p = self.cond_drop_prob
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ConfigError(f"diffusion.cond_drop_prob must be in [0, 1) (0.1 is usual), got {self.cond_drop_prob!r}")
         other = "ddpm" if self.process == "ncsn" else "ncsn"
         idle = [f.name for f in dataclasses.fields(self)
-                if f.name != "process" and (f.name in NCSN_KEYS) == (other == "ncsn")
+                if f.name not in COMMON_KEYS and (f.name in NCSN_KEYS) == (other == "ncsn")
                 and getattr(self, f.name) != f.default]
         if idle:
             raise ConfigError(f"diffusion key(s) {idle} are settings of process {other!r} and do nothing with "
@@ -78,7 +85,11 @@ class DataConfig:
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     random_flip: bool = False  # random horizontal flips (CIFAR-10 in the DDPM paper)
     download: bool = False  # fetch the official archive when root is missing
-    num_parallel_workers: int = 1  # dataset worker threads
+    # workers reading and transforming images; None: the data package's default (the usable cores but one, at
+    # most 8: `ms_ddpm.data.datasets.default_workers`)
+    num_parallel_workers: Optional[int] = None
+    # class names in label order (label i is class_names[i]); class-conditional runs fill them in from the data
+    class_names: Optional[list] = None
 
 
 @dataclass

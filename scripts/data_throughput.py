@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ms_ddpm.data import create_dataset
-from ms_ddpm.metrics.evaluate import machine_description
+from ms_ddpm.utils import machine_description
 
 
 def write_pngs(folder, count, size):
