@@ -35,7 +35,7 @@ import sys
 
 from ms_ddpm.cli import build_parser
 from ms_ddpm.config import Config
-from ms_ddpm.train.checkpoint import list_checkpoints
+from ms_ddpm.checkpoint import list_checkpoints
 
 args = build_parser().parse_args(["train", *sys.argv[1:]])
 found = list_checkpoints(Config.load(args.config, args.set).train.output_dir)
