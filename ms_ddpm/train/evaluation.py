@@ -16,7 +16,7 @@ Every `eval_every` steps (and at the last step), on rank 0:
   * metrics.png is redrawn: loss, learning rate and FD over the steps (`ms_ddpm.visualize.save_training_curves`).
 
 Feature space: `eval_features` (a feature-extractor checkpoint, as `ms-ddpm evaluate --features`); when it is not
-given and the data are 28x28-style grayscale IDX digits (MNIST, Fashion-MNIST; `data.channels` 1), the MNIST
+given and the data are grayscale IDX images (MNIST, Fashion-MNIST; `data.channels` 1), the MNIST
 classifier trained once per data set and cached (`ms_ddpm.metrics.classifier_training.cached_classifier`); for other
 data (RGB, folders) raw pixels, announced once as a pixel-space FD, not comparable to FID.
 
