@@ -14,6 +14,9 @@ from pathlib import Path
 import mindspore as ms
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.ckpt$")
+# the checkpoint of the lowest FD so far (`train.eval_every`); outside CKPT_PATTERN, so neither `keep` nor
+# `list_checkpoints` (and so --resume) counts it
+BEST_CHECKPOINT = "ckpt_best.ckpt"
 
 
 class CheckpointError(RuntimeError):
@@ -66,6 +69,11 @@ def save_checkpoint(output_dir, step, parameters, config_yaml, keep=3):
     for old in list_checkpoints(output_dir)[:-keep]:
         old.unlink()
     return path
+
+
+def save_best_checkpoint(output_dir, step, parameters, config_yaml):
+    """Write BEST_CHECKPOINT atomically, with what `save_checkpoint` writes for this step."""
+    return save_atomic(Path(output_dir) / BEST_CHECKPOINT, parameters, {"step": step, "config": config_yaml})
 
 
 def load_checkpoint(path):

@@ -1,5 +1,7 @@
-"""Pictures of samples: a grid PNG and the denoising animation GIF of the annotated-diffusion tutorial."""
+"""Pictures of samples (a grid PNG and the denoising animation GIF of the annotated-diffusion tutorial) and of a
+training run (its loss, learning rate and FD over the steps)."""
 import math
+import os
 
 import numpy as np
 from matplotlib import animation, image
@@ -63,3 +65,25 @@ def save_denoising_animation(frames, path, nrow=None, fps=20):
             for g in grids]
     animation.ArtistAnimation(fig, show, interval=1000 // fps, repeat_delay=2000).save(
         path, writer=animation.PillowWriter(fps=fps))
+
+
+def save_training_curves(records, path):
+    """Plot a run's train_log.jsonl records (dicts) as one PNG: loss, learning rate and, where evaluations were
+    logged, FD over the steps, one panel each (loss and FD on log scales). Written to a temporary file and renamed,
+    so a viewer never reads half a picture."""
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "fd" in r]
+    panels = [("loss", steps, "loss"), ("learning rate", steps, "lr")] + ([("FD", evals, "fd")] if evals else [])
+    fig = Figure(figsize=(4 * len(panels), 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (title, rows, key) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        values = [r[key] for r in rows]
+        ax.plot([r["step"] for r in rows], values, marker="o" if key == "fd" else None, markersize=3)
+        if key != "lr" and all(v > 0 for v in values):
+            ax.set_yscale("log")
+        ax.set_title(title + (f" ({rows[0].get('features')} features)" if key == "fd" else ""))
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)

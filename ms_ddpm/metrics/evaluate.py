@@ -89,8 +89,9 @@ def extract_features(images, extractor, batch_size):
     return np.concatenate(out).astype(np.float64)
 
 
-def _feature_space(feature_ckpt, cfg):
-    """(extractor or None, the extractor's kind ("mnist_classifier", "fid_inception_v3") or "pixels")."""
+def feature_space(feature_ckpt, cfg):
+    """(extractor or None, the extractor's kind ("mnist_classifier", "fid_inception_v3") or "pixels") for the images
+    of a model trained with `cfg`; None `feature_ckpt`: raw pixels."""
     if feature_ckpt is None:
         return None, "pixels"
     extractor = load_feature_extractor(feature_ckpt)
@@ -100,13 +101,17 @@ def _feature_space(feature_ckpt, cfg):
     return extractor, extractor.kind
 
 
-def _distances(fake, real, seed, pixels):
-    """FD and KID between two (N, D) feature sets, with a warning when N < D makes FD mostly estimator bias."""
-    if pixels:
-        _log(f"NOTE: no feature extractor given (--features): {PIXEL_NOTE}")
+def pixel_note(option="--features"):
+    """Say, on stderr, that FD and KID are computed on raw pixels because `option` was not given."""
+    _log(f"NOTE: no feature extractor given ({option}): {PIXEL_NOTE}")
+
+
+def distances(fake, real, seed, real_statistics=None):
+    """FD and KID between two (N, D) feature sets, with a warning when N < D makes FD mostly estimator bias.
+    `real_statistics`: `feature_statistics(real)`, when computed already (once for many sets of samples)."""
     n, d = min(len(fake), len(real)), fake.shape[1]
     mu1, sigma1 = feature_statistics(fake)
-    mu2, sigma2 = feature_statistics(real)
+    mu2, sigma2 = feature_statistics(real) if real_statistics is None else real_statistics
     if n <= d:
         _log(f"WARNING: {n} samples of {d}-dimensional features: the covariance is singular and FD is dominated "
              "by estimator bias; compare only at equal num, and use num of a few times the feature dimension")
@@ -187,7 +192,7 @@ def evaluate(ckpt, sampler=None, steps=None, num=1000, batch_size=250, seed=0, f
         chain.set_timesteps(steps)
     model = pipe.guided(guidance_scale)  # a scale the model cannot take is refused before the long sampling
     labels = pipe.labels(num)
-    extractor, space = _feature_space(feature_ckpt, cfg)
+    extractor, space = feature_space(feature_ckpt, cfg)
     # checks the data before the long sampling
     real = real_images(cfg, data_root, "test", batch_size, labels=pipe.conditional)
     real_test, real_labels = real if pipe.conditional else (real, None)
@@ -213,7 +218,9 @@ def evaluate(ckpt, sampler=None, steps=None, num=1000, batch_size=250, seed=0, f
         raise ValueError(f"the samples of {ckpt} are not finite")
 
     real_feats = extract_features(real_test, extractor, batch_size)
-    fd, kid = _distances(extract_features(samples, extractor, batch_size), real_feats, seed, extractor is None)
+    if extractor is None:
+        pixel_note()
+    fd, kid = distances(extract_features(samples, extractor, batch_size), real_feats, seed)
     accuracy = None
     if pipe.conditional:
         if isinstance(extractor, MNISTClassifier) and extractor.config["num_classes"] == len(pipe.class_names):
@@ -259,11 +266,13 @@ def real_floor(ckpt, num=1000, batch_size=250, seed=0, feature_ckpt=None, data_r
     this `num`, for scale. No sampling. Returns a dict like `evaluate`'s."""
     _check_common(num, batch_size)
     cfg = DiffusionPipeline.from_checkpoint(ckpt, mode=mode, device=device).config
-    extractor, space = _feature_space(feature_ckpt, cfg)
+    extractor, space = feature_space(feature_ckpt, cfg)
     real_test = real_images(cfg, data_root, "test", batch_size)
     real_train = real_images(cfg, data_root, "train", batch_size, num=num, seed=seed)
     real_feats = extract_features(real_test, extractor, batch_size)
-    fd, kid = _distances(extract_features(real_train, extractor, batch_size), real_feats, seed, extractor is None)
+    if extractor is None:
+        pixel_note()
+    fd, kid = distances(extract_features(real_train, extractor, batch_size), real_feats, seed)
     c = cfg.data
     return {
         "checkpoint": str(ckpt), "real_floor": True, "dataset": c.name, "image_size": c.image_size,

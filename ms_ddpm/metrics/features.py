@@ -21,7 +21,8 @@ Two choices in the feature layer, both for the statistics computed on it:
     5-8 here), the cubic term dominates and KID's estimate is noise of order 10 (-12.7 measured for 1,000 real
     train vs test digits). FD simply scales by feature_scale^2.
 
-It is trained by `scripts/train_classifier.py`, which writes its weights and its constructor arguments into one
+It is trained by `ms_ddpm.metrics.classifier_training` (`scripts/train_classifier.py`, or the trainer's FD evaluation
+when no feature checkpoint is given), which writes its weights and its constructor arguments into one
 checkpoint, so `load_feature_extractor(path)` rebuilds it from the file alone (as ms_ddpm's trainer stores its
 config beside the weights).
 

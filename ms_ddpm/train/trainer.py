@@ -40,13 +40,14 @@ from ..runtime import set_runtime
 from ..utils import check_choice
 from ..visualize import save_image_grid
 from .ema import EMA
+from .evaluation import TrainingEvaluation
 from .lr_schedule import warmup_cosine_lr
 from .step import TrainStep
 
 # train.* keys that may change between a run and its resumption; everything else must match. (A new train.steps
 # stretches the cosine schedule from the resumed step on.)
 RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "save_every", "keep_checkpoints", "num_samples",
-                  "max_nonfinite_steps", "output_dir"}
+                  "max_nonfinite_steps", "output_dir", "eval_every"}
 
 
 class TrainingError(RuntimeError):
@@ -150,6 +151,8 @@ class Trainer:
         self.ema = EMA(self.model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
         self.step = 0
         self.log_path = self.output_dir / "train_log.jsonl"
+        # FD / KID every eval_every steps, on rank 0 (the test split's features computed here, once)
+        self.evaluation = TrainingEvaluation(cfg, self.process) if t.eval_every and rank == 0 else None
 
     def _take_class_names(self):
         """Put the data's class names (label order) into the config, which the checkpoints store; a config that
@@ -245,15 +248,13 @@ class Trainer:
             h.update(p.asnumpy().tobytes())
         return h.hexdigest()[:16]
 
-    def sample_grid(self, path):
-        """A grid of samples from the EMA weights (or the raw weights without EMA), one row per class for a
-        class-conditional model (plain conditional sampling, guidance scale 1).
+    def sampling_pipeline(self):
+        """The run's sampling pipeline with the EMA weights (or the raw weights without EMA) copied in.
 
-        The sampling network is built once, at the first grid, and gets the current weights copied in for each:
-        graph mode compiles its sampling step once per run, not once per grid (which kept the other ranks waiting
-        in their all-reduce for every compile).
+        Its network is built once, at the first call, and reused by every sample grid and evaluation: graph mode
+        compiles its sampling step once per run, not once per grid (which kept the other ranks waiting in their
+        all-reduce for every compile).
         """
-        t = self.cfg.train
         if self.grid_pipeline is None:
             self.grid_pipeline = DiffusionPipeline(create_model(self.cfg.model.name, **self.cfg.model.kwargs),
                                                    self.process, self.cfg)
@@ -263,8 +264,14 @@ class Trainer:
         else:
             for src, dst in zip(self.model.trainable_params(), net.trainable_params()):
                 dst.set_data(src.value().copy())
-        samples, labels = self.grid_pipeline(t.num_samples, sampler=self.grid_sampler, seed=t.seed,
-                                             batch_size=t.num_samples, progress=False)
+        return self.grid_pipeline
+
+    def sample_grid(self, path):
+        """A grid of samples from the EMA weights (or the raw weights without EMA), one row per class for a
+        class-conditional model (plain conditional sampling, guidance scale 1)."""
+        t = self.cfg.train
+        samples, labels = self.sampling_pipeline()(t.num_samples, sampler=self.grid_sampler, seed=t.seed,
+                                                   batch_size=t.num_samples, progress=False)
         save_image_grid(samples, path, labels=labels)
 
     def train(self, until=None):
@@ -318,6 +325,8 @@ class Trainer:
                 self.save()
             if self.rank == 0 and t.sample_every and (self.step % t.sample_every == 0 or self.step == until):
                 self.sample_grid(self.output_dir / f"samples_{self.step:08d}.png")
+            if self.evaluation is not None and (self.step % t.eval_every == 0 or self.step == t.steps):
+                self.evaluation(self)
         bar.close()
         if self.group_size > 1:
             print(f"rank {self.rank}: finished step {self.step}, weights digest {self.weights_digest()}", flush=True)
