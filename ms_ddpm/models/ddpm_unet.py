@@ -58,9 +58,10 @@ class ResnetBlock2D(nn.Cell):
             self.conv_shortcut = None
 
     def construct(self, x, temb):
-        h = self.conv1(ops.silu(self.norm1(x)))
+        # GroupNorm and SiLU: one fused kernel on CPU (normalization.py)
+        h = self.conv1(self.norm1(x, silu=True))
         h = h + self.time_emb_proj(ops.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(ops.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(self.norm2(h, silu=True)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
