@@ -7,6 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ms_ddpm", "ms_ddpm.*"]),
+    # the CPU kernels' C++ sources, compiled on first use (ms_ddpm/kernels/build.py)
+    package_data={"ms_ddpm.kernels": ["csrc/*.cc", "csrc/*.h"]},
     # the Pythons MindSpore 2.7.1 / 2.8 publish wheels for
     python_requires=">=3.9,<3.13",
     install_requires=[
