@@ -17,7 +17,8 @@ from ms_ddpm.kernels import build
 from ms_ddpm.kernels.group_norm import GroupNormKernels
 from ms_ddpm.losses import DiffusionLoss
 from ms_ddpm.models import normalization
-from ms_ddpm.models.unet import Unet
+from ms_ddpm.models.convolution import Conv2d
+from ms_ddpm.models.unet import Unet, WeightStandardizedConv2d
 from ms_ddpm.schedules import get_beta_schedule
 from ms_ddpm.train.step import TrainStep
 
@@ -104,6 +105,62 @@ def test_group_norm_kernels_equal_native_ops(library, shape, mode):
             assert_close(k.asnumpy(), n.asnumpy(), f"{name}, scale-shift {film}, SiLU {silu}")
 
 
+# (B, Ci, H, W, Co, kernel size, bias, weight-standardised): the U-Nets' own and odd ones (batch 1, a 1x1 image,
+# widths not multiples of 8)
+CONVOLUTIONS = [(32, 16, 28, 28, 16, 3, True, True), (4, 56, 14, 14, 112, 1, True, False),
+                (2, 28, 7, 7, 96, 1, False, False), (1, 3, 5, 7, 5, 3, True, False), (3, 20, 1, 1, 4, 3, True, True)]
+
+
+class ConvolutionGradients(nn.Cell):
+    """(dx, dweight[, dbias]) for the cotangent dy."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+        self.params = ms.ParameterTuple(conv.trainable_params())
+        self.grad = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
+
+    def construct(self, x, dy):
+        (dx,), dparams = self.grad(self.conv, self.params)(x, dy)
+        return (dx,) + dparams
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
+@pytest.mark.parametrize("case", CONVOLUTIONS, ids=lambda c: "x".join(map(str, c[:6])) + "-bias" * c[6] + "-ws" * c[7])
+def test_convolution_kernels_equal_native_ops(library, case, mode):
+    ms.set_context(mode=mode)
+    b, ci, h, w, co, k, bias, ws = case
+    convs = []
+    for _ in range(2):  # the same weights twice: one conv by the kernels, one by MindSpore's ops
+        ms.set_seed(0)
+        convs.append(WeightStandardizedConv2d(ci, co) if ws else
+                     Conv2d(ci, co, k, has_bias=bias, pad_mode="pad", padding=k // 2))
+    assert convs[0].kernels is not None
+    convs[1].kernels = None
+    rng = np.random.default_rng(sum(case))
+    x = ms.Tensor(rng.standard_normal((b, ci, h, w)).astype(np.float32))
+    dy = ms.Tensor(rng.standard_normal((b, co, h, w)).astype(np.float32))
+    kernel, native = ((conv(x),) + ConvolutionGradients(conv)(x, dy) for conv in convs)
+    for name, kv, nv in zip(("y", "dx", "dweight", "dbias"), kernel, native):
+        assert kv.shape == nv.shape, name
+        assert_close(kv.asnumpy(), nv.asnumpy(), name)
+
+
+def test_convolutions_the_kernels_lack_stay_native(library):
+    """Strides, dilations, groups, other paddings and kernel sizes keep MindSpore's convolution."""
+    assert Conv2d(4, 4, 3, pad_mode="pad", padding=1).kernels is not None
+    assert Conv2d(4, 4, 1).kernels is not None  # nn.Conv2d's default pad_mode "same"
+    for kwargs in (dict(stride=2), dict(dilation=2), dict(group=2), dict(pad_mode="valid"), dict(padding=(0, 1, 0, 1))):
+        kwargs.setdefault("pad_mode", "pad")
+        assert Conv2d(4, 4, 3, **kwargs).kernels is None, kwargs
+    assert Conv2d(4, 4, 7, pad_mode="pad", padding=3).kernels is None
+    conv = Conv2d(4, 6, 3, pad_mode="pad", padding=1)
+    conv.weight.set_dtype(ms.float16)
+    conv.bias.set_dtype(ms.float16)
+    x = ms.Tensor(np.ones((1, 4, 5, 5), np.float16))  # float16, as under mixed precision
+    assert conv(x).dtype == ms.float16  # MindSpore's float16 convolution, not the float32 kernel
+
+
 def test_the_kernels_keep_the_dtype_and_propagate_non_finite_values(library):
     """A float16 input comes back float16 (computed in float32), and an inf in one group makes that group NaN and
     leaves the others finite: what the loss scaler's overflow check relies on."""
@@ -141,10 +198,11 @@ def test_training_losses_with_and_without_kernels_agree(library, monkeypatch, mo
     jit = mode == ms.GRAPH_MODE
     net, with_kernels = _tiny_training_losses(20, jit)
     assert all(cell.kernels is not None for _, cell in net.cells_and_names()
-               if isinstance(cell, normalization.GroupNorm))
-    monkeypatch.setattr(normalization, "cpu_library", lambda: None)
+               if isinstance(cell, (normalization.GroupNorm, Conv2d)))
+    monkeypatch.setattr(build, "_loaded", {"library": None})  # as if the library could not be built
     net, native = _tiny_training_losses(20, jit)
-    assert all(cell.kernels is None for _, cell in net.cells_and_names() if isinstance(cell, normalization.GroupNorm))
+    assert all(cell.kernels is None for _, cell in net.cells_and_names()
+               if isinstance(cell, (normalization.GroupNorm, Conv2d)))
     assert np.ptp(with_kernels) > 0.1  # the weights move
     np.testing.assert_allclose(with_kernels, native, rtol=1e-5)
 

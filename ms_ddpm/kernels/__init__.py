@@ -7,15 +7,15 @@ the same numbers to float32 rounding.
 """
 import mindspore as ms
 
-from .build import KernelBuildError, load
+from .build import KernelBuildError, Library, load
 
 
 def cpu_library():
-    """Path of the kernel library when the current device is the CPU and the library loads; None otherwise.
+    """The kernel `Library` when the current device is the CPU and the library loads; None otherwise.
     Models ask once, when they are built, so the device must be set before (as `ms.set_device` requires anyway)."""
     if ms.get_context("device_target") != "CPU":
         return None
     return load()
 
 
-__all__ = ["KernelBuildError", "cpu_library", "load"]
+__all__ = ["KernelBuildError", "Library", "cpu_library", "load"]

@@ -15,20 +15,30 @@ Environment: `MS_DDPM_KERNELS=0` keeps MindSpore's native ops; `MS_DDPM_KERNEL_C
 import ctypes
 import hashlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 CSRC = Path(__file__).resolve().with_name("csrc")
 # -fopenmp-simd: the `omp simd` loops (reductions) vectorise without OpenMP's runtime; -fno-trapping-math lets the
 # compiler vectorise the float-to-int conversion in exp (no kernel reads floating-point exception flags)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-fno-trapping-math", "-shared", "-fPIC", "-pthread")
+LIBS = ("-ldl",)  # after the sources, for linkers that drop unreferenced libraries
 
 logger = logging.getLogger(__name__)
-_loaded = {}  # one build attempt per process: {"path": Path or None}
+_loaded = {}  # one build attempt per process: {"library": Library or None}
+
+
+class Library(NamedTuple):
+    """The loaded kernel library: its path, and whether its convolutions found the oneDNN sgemm they call."""
+
+    path: Path
+    convolutions: bool
 
 
 class KernelBuildError(RuntimeError):
@@ -62,7 +72,7 @@ def library_path(cxx):
     digest = hashlib.sha256()
     for path in sorted(CSRC.iterdir()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(" ".join(FLAGS).encode())
+    digest.update(" ".join(FLAGS + LIBS).encode())
     digest.update(_run([cxx, "--version"]).encode())
     # the instruction sets -march=native turns on here (__AVX2__, __FMA__, __AVX512F__, __ARM_NEON, ...)
     digest.update(_run([cxx, "-march=native", "-dM", "-E", "-x", "c++", os.devnull]).encode())
@@ -84,7 +94,7 @@ def build():
     except OSError as err:
         raise KernelBuildError(f"cannot write the kernel cache {target.parent}: {err}") from err
     try:
-        _run([cxx, *FLAGS, f"-I{CSRC}", *map(str, sorted(CSRC.glob("*.cc"))), "-o", tmp])
+        _run([cxx, *FLAGS, f"-I{CSRC}", *map(str, sorted(CSRC.glob("*.cc"))), *LIBS, "-o", tmp])
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)  # atomic: another process sees no library or a whole one
     finally:
@@ -93,14 +103,21 @@ def build():
     return target
 
 
+def onednn_path():
+    """MindSpore's own oneDNN (its CPU convolutions use it too), whose sgemm the convolution kernels call."""
+    spec = importlib.util.find_spec("mindspore")
+    return Path(spec.origin).parent / "lib" / "libdnnl.so.2"
+
+
 def load():
-    """The loaded library's path, or None (with a one-line warning, once per process) when it cannot be built.
+    """The loaded `Library`, or None (with a one-line warning, once per process) when it cannot be built.
 
     None also when `MS_DDPM_KERNELS=0`, without a warning. The kernels use as many threads as this process may run
-    on (its CPU affinity, which launchers such as msrun with core binding narrow).
+    on (its CPU affinity, which launchers such as msrun with core binding narrow). Without MindSpore's oneDNN (a
+    build of MindSpore without it) the convolutions keep MindSpore's, with a warning, and the rest is used.
     """
-    if "path" not in _loaded:
-        _loaded["path"] = None
+    if "library" not in _loaded:
+        _loaded["library"] = None
         if os.environ.get("MS_DDPM_KERNELS", "1") != "0":
             try:
                 path = build()
@@ -110,5 +127,9 @@ def load():
             else:
                 lib.MsDdpmSetNumThreads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                         else os.cpu_count() or 1)
-                _loaded["path"] = path
-    return _loaded["path"]
+                lib.MsDdpmLoadSgemm.argtypes = [ctypes.c_char_p]
+                convolutions = bool(lib.MsDdpmLoadSgemm(str(onednn_path()).encode()))
+                if not convolutions:
+                    logger.warning("ms_ddpm: %s not found, the convolutions use MindSpore's own", onednn_path())
+                _loaded["library"] = Library(path, convolutions)
+    return _loaded["library"]

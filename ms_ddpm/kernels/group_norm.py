@@ -48,7 +48,7 @@ def _forward_op(library, groups, film, silu):
 
 
 class GroupNormKernels(nn.Cell):
-    """act(GroupNorm(x) * (1 + scale) + shift) by the fused CPU kernels: float32 in and out.
+    """act(GroupNorm(x) * (1 + scale) + shift) by the fused CPU kernels, computed in float32, returned float32.
 
     construct(x, gamma, beta, scale, shift, silu): x (B, C, *spatial), gamma and beta (C,), scale and shift None or
     B x C values ((B, C) or (B, C, 1, 1)), silu a Python bool; returns y shaped like x.
@@ -63,9 +63,13 @@ class GroupNormKernels(nn.Cell):
         self.film_silu = _forward_op(library, num_groups, True, True)
 
     def construct(self, x, gamma, beta, scale, shift, silu):
-        gamma, beta = gamma.astype(ms.float32), beta.astype(ms.float32)
+        # float32 casts here, not only in the caller: mixed precision (amp O2) casts a Cell's inputs to float16 on
+        # entry. The kernels read raw memory, so PyNative's views (the scale and shift halves of one chunked
+        # tensor, a transpose) are copied out first; in graph mode contiguous() is a no-op.
+        x, gamma, beta = x.astype(ms.float32).contiguous(), gamma.astype(ms.float32), beta.astype(ms.float32)
         if scale is None:
             op = self.silu if silu else self.plain
             return op(x, gamma, beta, self.eps)[0]
         op = self.film_silu if silu else self.film
-        return op(x, gamma, beta, scale.astype(ms.float32), shift.astype(ms.float32), self.eps)[0]
+        scale, shift = scale.astype(ms.float32).contiguous(), shift.astype(ms.float32).contiguous()
+        return op(x, gamma, beta, scale, shift, self.eps)[0]

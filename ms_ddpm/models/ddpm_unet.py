@@ -18,6 +18,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from .convolution import Conv2d
 from .embeddings import timestep_embedding
 from .normalization import GroupNorm
 
@@ -25,7 +26,7 @@ __all__ = ["DDPMUNet", "convert_diffusers_state_dict", "load_diffusers_weights"]
 
 
 def _conv3x3(in_channels, out_channels):
-    return nn.Conv2d(in_channels, out_channels, 3, pad_mode="pad", padding=1, has_bias=True)
+    return Conv2d(in_channels, out_channels, 3, pad_mode="pad", padding=1, has_bias=True)
 
 
 class TimestepEmbedding(nn.Cell):
@@ -53,7 +54,7 @@ class ResnetBlock2D(nn.Cell):
         self.conv2 = _conv3x3(out_channels, out_channels)
         # DDPM's "nin_shortcut": a 1x1 projection only where the width changes, as in diffusers.
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1, pad_mode="valid", has_bias=True)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1, pad_mode="valid", has_bias=True)
         else:
             self.conv_shortcut = None
 

@@ -30,7 +30,7 @@ class GroupNorm(nn.GroupNorm):
             )
         super().__init__(num_groups, num_channels, eps=eps)
         library = cpu_library()
-        self.kernels = None if library is None else GroupNormKernels(str(library), num_groups, eps)
+        self.kernels = None if library is None else GroupNormKernels(str(library.path), num_groups, eps)
 
     def construct(self, x, scale=None, shift=None, silu=False):
         if x.shape[1] != self.num_channels:

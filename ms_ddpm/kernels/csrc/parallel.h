@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -26,10 +27,8 @@ class ThreadPool {
     return *pool;
   }
 
-  void set_num_threads(int n) {
-    std::lock_guard<std::mutex> dispatch(dispatch_);
-    num_threads_ = std::max(1, n);
-  }
+  int num_threads() const { return num_threads_; }
+  void set_num_threads(int n) { num_threads_ = std::max(1, n); }
 
   // fn(begin, end) over [0, n), in contiguous chunks, one per thread; the calling thread runs the first chunk.
   // A call made while another is running (MindSpore may launch independent kernels concurrently), or in a child
@@ -37,7 +36,7 @@ class ThreadPool {
   void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)> &fn) {
     if (n <= 0) return;
     std::unique_lock<std::mutex> dispatch(dispatch_, std::try_to_lock);
-    const int64_t chunks = std::min<int64_t>(num_threads_, n);
+    const int64_t chunks = std::min<int64_t>(num_threads_.load(), n);
     if (!dispatch.owns_lock() || chunks <= 1 || getpid() != owner_pid_) {
       fn(0, n);
       return;
@@ -105,7 +104,7 @@ class ThreadPool {
   int64_t job_size_ = 0, job_chunks_ = 0, pending_ = 0;
   uint64_t generation_ = 0;
   int64_t workers_started_ = 0;
-  int num_threads_ = 1;
+  std::atomic<int> num_threads_{1};
   const pid_t owner_pid_;
 };
 
