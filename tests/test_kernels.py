@@ -161,6 +161,16 @@ def test_convolutions_the_kernels_lack_stay_native(library):
     assert conv(x).dtype == ms.float16  # MindSpore's float16 convolution, not the float32 kernel
 
 
+def test_group_counts_are_kept_apart_on_the_same_input_shape(library):
+    """PyNative mode reuses shape inference for one kernel and the same input shapes: GroupNorms of 4 and of 8 groups
+    on inputs of one shape must still each get their own statistics."""
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((2, 16, 4, 4)).astype(np.float32))
+    for groups in (4, 8, 4):
+        norm = normalization.GroupNorm(groups, 16)
+        expected = ops.silu(ops.group_norm(x, groups, norm.gamma, norm.beta, 1e-5)).asnumpy()
+        assert_close(norm(x, silu=True).asnumpy(), expected, f"{groups} groups")
+
+
 def test_the_kernels_keep_the_dtype_and_propagate_non_finite_values(library):
     """A float16 input comes back float16 (computed in float32), and an inf in one group makes that group NaN and
     leaves the others finite: what the loss scaler's overflow check relies on."""

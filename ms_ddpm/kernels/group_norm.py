@@ -6,6 +6,7 @@ which its gradient kernel reuses (one pass over the data to recompute the pre-ac
 from functools import lru_cache
 
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 from mindspore.ops import CustomRegOp, DataType
 
@@ -21,8 +22,8 @@ def _reg_info(n_inputs, n_outputs):
 
 
 @lru_cache(maxsize=None)
-def _forward_op(library, groups, film, silu):
-    """The forward Custom op of one variant, with its bprop; shared by every GroupNorm with this many groups."""
+def _forward_op(library, film, silu):
+    """The forward Custom op of one variant, with its bprop; shared by every GroupNorm."""
     name = "GroupNorm" + ("Film" if film else "") + ("Silu" if silu else "")
     n_film = 2 if film else 0
     backward = ops.Custom(
@@ -42,7 +43,7 @@ def _forward_op(library, groups, film, silu):
 
     return ops.Custom(
         f"{library}:{name}Forward",
-        out_shape=lambda x, *rest: (x, (x[0], groups), (x[0], groups)),
+        out_shape=lambda x, *rest: (x, (x[0], rest[-1][0]), (x[0], rest[-1][0])),  # rest[-1]: eps, (groups,)
         out_dtype=(ms.float32,) * 3, func_type="aot", bprop=bprop, reg_info=_reg_info(4 + n_film, 3),
     )
 
@@ -56,11 +57,12 @@ class GroupNormKernels(nn.Cell):
 
     def __init__(self, library, num_groups, eps):
         super().__init__()
-        self.eps = ms.Tensor([eps], ms.float32)
-        self.plain = _forward_op(library, num_groups, False, False)
-        self.silu = _forward_op(library, num_groups, False, True)
-        self.film = _forward_op(library, num_groups, True, False)
-        self.film_silu = _forward_op(library, num_groups, True, True)
+        # eps repeated per group: see csrc/group_norm.cc (the groups must show in the inputs' shapes)
+        self.eps = ms.Tensor(np.full(num_groups, eps, np.float32))
+        self.plain = _forward_op(library, False, False)
+        self.silu = _forward_op(library, False, True)
+        self.film = _forward_op(library, True, False)
+        self.film_silu = _forward_op(library, True, True)
 
     def construct(self, x, gamma, beta, scale, shift, silu):
         # float32 casts here, not only in the caller: mixed precision (amp O2) casts a Cell's inputs to float16 on

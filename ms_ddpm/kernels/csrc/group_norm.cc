@@ -8,9 +8,11 @@
 // shift_bc (FiLM), y = m * sigmoid(m) (SiLU) or m.
 //
 // Parameter order of the AOT entry points (inputs, then outputs):
-//   forward:  x, gamma, beta, [scale, shift,] eps (1,)            -> y, mean (B, G), rstd (B, G)
+//   forward:  x, gamma, beta, [scale, shift,] eps (G,)            -> y, mean (B, G), rstd (B, G)
 //   backward: dy, x, mean, rstd, gamma, beta, [scale, shift]      -> dx, dgamma, dbeta, [dscale, dshift]
-// scale and shift are (B, C); the number of groups is read off mean's shape.
+// scale and shift hold B x C values. The forward's eps is epsilon repeated G times: its length carries the number
+// of groups into the inputs' shapes, which must determine the outputs' (MindSpore's PyNative mode reuses shape
+// inference for the same kernel and input shapes). The backward reads G off mean's shape.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -97,7 +99,10 @@ int forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   const int n_in = kFilm ? 6 : 4;
   if (nparam != n_in + 3 || !all_float32(nparam, dtypes)) return 1;
   Shape s;
-  if (!read_shape(ndims[0], shapes[0], shapes[n_in + 1], &s) || !check_affine(s, 1, kFilm, ndims, shapes)) return 2;
+  if (!read_shape(ndims[0], shapes[0], shapes[n_in + 1], &s) || !check_affine(s, 1, kFilm, ndims, shapes) ||
+      numel(ndims[n_in - 1], shapes[n_in - 1]) != s.groups) {
+    return 2;
+  }
   const float *x = static_cast<const float *>(params[0]);
   const float *gamma = static_cast<const float *>(params[1]);
   const float *beta = static_cast<const float *>(params[2]);
