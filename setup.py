@@ -10,6 +10,8 @@ setup(
     package_data={
         # the real MNIST digits create_dataset("mnist") reads when no root is given (ms_ddpm/data/mnist5k/README.md)
         "ms_ddpm.data": ["mnist5k/*.gz", "mnist5k/README.md"],
+        # the CPU kernels' C++ sources, compiled on first use (ms_ddpm/kernels/build.py)
+        "ms_ddpm.kernels": ["csrc/*.cc", "csrc/*.h"],
     },
     # the Pythons MindSpore 2.7.1 / 2.8 publish wheels for
     python_requires=">=3.9,<3.13",

@@ -20,7 +20,11 @@ What one run measures (each phase in its own subprocess, so that its peak RSS is
   - peak RSS of each phase's process: interpreter, framework, model, graph compilation and the measured loop
     (the RSS right after the imports is given too).
 Timings are medians over `--repeats` after `--warmup` steps; the warm-up includes graph compilation, whose cost
-(first call minus a steady step) is reported on its own.
+(first call minus a steady step) is reported on its own. The headline line gives the figures the project's targets
+are stated in: graph training and DDIM-50 against PyTorch, graph training's first step (compilation included) and
+its process's peak RSS. `MS_DDPM_KERNELS=0` runs MindSpore's native ops instead of ms_ddpm's CPU kernels.
+
+This file measures; `benchmark_report.py` beside it builds, prints and writes the report.
 """
 import argparse
 import json
@@ -34,24 +38,13 @@ import tempfile
 import time
 
 import numpy as np
+from benchmark_report import build_report, print_report  # beside this script, on sys.path when it runs
 
 from ms_ddpm.utils import machine_description  # imports no MindSpore: the parent runs torch
 
 DDIM_STEPS = 50
 DPM_SOLVER_STEPS = 20
 MATMUL_SIZE = 2048
-
-# rows of the report: (key, what, the PyTorch row it is compared with)
-ROWS = [
-    ("ms_train_graph", "train, MindSpore GRAPH_MODE (jit TrainStep)", "torch_train"),
-    ("ms_train_pynative", "train, MindSpore PYNATIVE_MODE", "torch_train"),
-    ("torch_train", "train, PyTorch eager", None),
-    ("ms_sample_ddpm", "sample DDPM-{ddpm_steps}, MindSpore GRAPH_MODE", None),
-    ("ms_sample_ddim", f"sample DDIM-{DDIM_STEPS}, MindSpore GRAPH_MODE", "torch_sample_ddim"),
-    ("ms_sample_dpm_solver", f"sample DPM-Solver-{DPM_SOLVER_STEPS}, MindSpore GRAPH_MODE", None),
-    ("torch_sample_ddim", f"sample DDIM-{DDIM_STEPS}, PyTorch eager", None),
-]
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -220,10 +213,21 @@ def phase_ms_train(args, mode):
     out = {"ms_train_" + mode: result(measured, shape[0], loss_finite=bool(np.isfinite(losses).all()),
                                       optimizer=cfg.train.optimizer, loss_type=cfg.diffusion.loss_type,
                                       amp_level=cfg.train.amp_level)}
-    extra = {"parameters": int(n_params), "runtime_num_threads": threads}
+    extra = {"parameters": int(n_params), "runtime_num_threads": threads, "kernels": kernels_used()}
     if mode == "pynative":  # the FLOP count needs PyNative hooks: done here, on a separate batch-1 copy
         extra["flops_per_image_forward"] = count_flops_mindspore(cfg)
     return out, extra, rss_after_imports
+
+
+def kernels_used():
+    """Which GroupNorm the models run: ms_ddpm's CPU kernels (MS_DDPM_KERNELS=0 turns them off) or MindSpore's."""
+    from ms_ddpm.kernels import cpu_library
+
+    library = cpu_library()
+    if library is None:
+        return "MindSpore's native ops only"
+    return (f"ms_ddpm CPU kernels ({library.path.name}): GroupNorm"
+            + (", convolutions" if library.convolutions else "; MindSpore's convolutions"))
 
 
 def count_flops_mindspore(cfg):
@@ -621,117 +625,16 @@ def main(argv=None):
             extra[phase + "_wall_s"] = round(data["wall_s"], 1)
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
-    report = build_report(args, command, machine, matmul, rows, extra, notes)
+    settings = {"config": args.config, "batch_size": args.batch_size, "repeats": args.repeats, "warmup": args.warmup,
+                "steps_per_repeat": args.steps_per_repeat, "threads": args.threads, "ddim_steps": DDIM_STEPS,
+                "dpm_solver_steps": DPM_SOLVER_STEPS, "matmul_size": MATMUL_SIZE}
+    report = build_report(settings, command, machine, matmul, rows, extra, notes)
     report["total_wall_s"] = time.perf_counter() - started
     print_report(report)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
     return 1 if failed else 0
-
-
-def build_report(args, command, machine, matmul, rows, extra, notes):
-    flops = extra.get("flops_per_image_forward")
-    flops_torch = extra.get("flops_per_image_forward_torch")
-    if flops and flops_torch and flops != flops_torch:
-        notes.append(f"FLOP counts differ: MindSpore hooks {flops}, torch FlopCounterMode {flops_torch}")
-    peak = max(matmul.values())
-    ddpm_steps = extra.get("ddpm_steps")
-    table = []
-    for key, what, torch_key in ROWS:
-        if key not in rows:
-            continue
-        row = dict(rows[key], key=key, what=what.format(ddpm_steps=ddpm_steps))
-        if "skipped" not in row:
-            if torch_key and torch_key in rows and "img_per_s" in rows[torch_key]:
-                row["ratio_vs_pytorch"] = row["img_per_s"] / rows[torch_key]["img_per_s"]
-            if flops:
-                per_image = flops * (3 if "train" in key else 1)
-                row["gflops_per_s"] = row["img_per_s"] * per_image / 1e9
-                row["fraction_of_matmul_peak"] = row["gflops_per_s"] / peak
-        table.append(row)
-    starved = [r["key"] for r in table if r.get("cpu_seconds_per_second", 2**31) < 0.75 * machine["usable_cpus"]]
-    if starved:
-        notes.insert(0, f"WARNING: {', '.join(starved)} used less than 75% of the {machine['usable_cpus']} usable "
-                        "CPUs while timed (CPU s/s column): other work was probably competing for the cores, and "
-                        "those figures understate the speed (OpenMP-threaded PyTorch suffers most); re-run on an idle "
-                        "machine")
-    if any(r.get("extrapolated") for r in table):
-        notes.append("sampling img/s = batch / (median seconds per step x steps): each repeat timed the first "
-                     f"{args.steps_per_repeat} steps of a fresh chain, extrapolated to the full step count")
-    notes.append("training step = the library's TrainStep with the config's optimizer, loss scaler and gradient "
-                 "clipping, host-side t/noise draws and a loss read-back per step; data loading and EMA not timed")
-    notes.append("PyTorch training: same U-Net, batch, optimizer, loss and gradient clipping, float32, no loss scaler")
-    notes.append("peak RSS: ru_maxrss of the phase's own process: interpreter, framework, model, compilation, loop "
-                 "(the RSS right after imports is in the JSON as rss_after_imports_mib)")
-    notes.append("warm-up s: first call minus a steady step: graph compilation in GRAPH_MODE (the samplers share "
-                 "one compiled network, so only the first sampler row shows it), one-off set-up costs elsewhere")
-    notes.append("CPU s/s: CPU seconds the phase used per wall second while timed; well below the thread count "
-                 "means other work on the machine competed for the cores")
-    notes.append("FLOPs: 2 x MACs of convs, dense layers and attention matmuls (norms, activations, softmax not "
-                 "counted); a training step is taken as 3 x forward")
-    return {
-        "command": command,
-        "machine": machine,
-        "settings": {"config": args.config, "batch_size": args.batch_size, "repeats": args.repeats,
-                     "warmup": args.warmup, "steps_per_repeat": args.steps_per_repeat, "ddpm_steps": ddpm_steps,
-                     "ddim_steps": DDIM_STEPS, "dpm_solver_steps": DPM_SOLVER_STEPS, "threads": args.threads},
-        "extra": extra,
-        "matmul_gflops_per_s": matmul,
-        "flops_per_image_forward": flops,
-        "rows": table,
-        "notes": notes,
-    }
-
-
-def _fmt(value, spec):
-    return "-" if value is None else format(value, spec)
-
-
-def print_report(r):
-    m, e = r["machine"], r["extra"]
-    print()
-    print("command: " + r["command"])
-    print(f"machine: {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, "
-          f"{m['memory_gib']} GiB, {m['platform']}")
-    print(f"versions: python {m['python']}, mindspore {m['mindspore']}, torch {m['torch'] or '-'}, numpy {m['numpy']}")
-    print(f"threads: MindSpore runtime_num_threads {e.get('runtime_num_threads', '-')}, "
-          f"torch {e.get('torch_threads', '-')}; load average at start {m['load_average_at_start']}, "
-          f"at end {m['load_average_at_end']}")
-    s = r["settings"]
-    batch = s["batch_size"] if s["batch_size"] is not None else "config's"
-    print(f"settings: batch {batch}, warmup {s['warmup']}, repeats {s['repeats']} x {s['steps_per_repeat']} steps "
-          f"(median), parameters {e.get('parameters', '-')}")
-    flops, flops_torch = r["flops_per_image_forward"], e.get("flops_per_image_forward_torch")
-    matmul = ", ".join(f"{k} {v:.1f}" for k, v in r["matmul_gflops_per_s"].items())
-    print(f"forward FLOPs per image: {_fmt(flops and flops / 1e6, '.2f')} M by MindSpore hooks, "
-          f"{_fmt(flops_torch and flops_torch / 1e6, '.2f')} M by torch FlopCounterMode; "
-          f"float32 {MATMUL_SIZE}x{MATMUL_SIZE} matmul GFLOP/s: {matmul}")
-    print()
-    header = (f"{'what':<48} {'img/s':>9} {'vs PyTorch':>10} {'ms/step':>9} {'warm-up s':>9} {'GFLOP/s':>8} "
-              f"{'% matmul':>8} {'peak RSS MiB':>12} {'CPU s/s':>7}")
-    print(header)
-    print("-" * len(header))
-    for row in r["rows"]:
-        if "skipped" in row:
-            print(f"{row['what']:<48} skipped: {row['skipped']}")
-            continue
-        ratio = row.get("ratio_vs_pytorch")
-        frac = row.get("fraction_of_matmul_peak")
-        print(f"{row['what']:<48} {row['img_per_s']:>9.2f} {_fmt(ratio, '.2f'):>10} "
-              f"{row['seconds_per_step'] * 1e3:>9.1f} {_fmt(row['compile_s'], '.1f'):>9} "
-              f"{_fmt(row.get('gflops_per_s'), '.2f'):>8} {_fmt(frac and 100 * frac, '.1f'):>8} "
-              f"{row['peak_rss_mib']:>12.0f} {row['cpu_seconds_per_second']:>7.2f}")
-    overhead = [f"{row['what'].split(',')[0].replace('sample ', '')} {row['overhead_ms_per_step']:.1f} ms"
-                + (" (fused step)" if row["fused_step"] else "")
-                for row in r["rows"] if "overhead_ms_per_step" in row]
-    if overhead:
-        network_ms = next(row["network_ms"] for row in r["rows"] if "network_ms" in row)
-        print(f"\nper-step overhead beyond the network call ({network_ms:.1f} ms alone): " + ", ".join(overhead))
-    print()
-    for note in r["notes"]:
-        print("note: " + note)
-    print(f"total wall time {r['total_wall_s']:.0f} s")
 
 
 if __name__ == "__main__":

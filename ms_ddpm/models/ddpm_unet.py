@@ -19,6 +19,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from ..utils import check_int
+from .convolution import Conv2d
 from .embeddings import add_class_embedding, class_embedding_table, timestep_embedding
 from .normalization import GroupNorm
 
@@ -26,7 +27,7 @@ __all__ = ["DDPMUNet", "convert_diffusers_state_dict", "load_diffusers_weights"]
 
 
 def _conv3x3(in_channels, out_channels):
-    return nn.Conv2d(in_channels, out_channels, 3, pad_mode="pad", padding=1, has_bias=True)
+    return Conv2d(in_channels, out_channels, 3, pad_mode="pad", padding=1, has_bias=True)
 
 
 class TimestepEmbedding(nn.Cell):
@@ -54,14 +55,15 @@ class ResnetBlock2D(nn.Cell):
         self.conv2 = _conv3x3(out_channels, out_channels)
         # DDPM's "nin_shortcut": a 1x1 projection only where the width changes, as in diffusers.
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1, pad_mode="valid", has_bias=True)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1, pad_mode="valid", has_bias=True)
         else:
             self.conv_shortcut = None
 
     def construct(self, x, temb):
-        h = self.conv1(ops.silu(self.norm1(x)))
+        # GroupNorm and SiLU: one fused kernel on CPU (normalization.py)
+        h = self.conv1(self.norm1(x, silu=True))
         h = h + self.time_emb_proj(ops.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(ops.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(self.norm2(h, silu=True)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h

@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ..utils import check_choice, check_int
+from .convolution import Conv2d
 from .embeddings import SinusoidalPositionEmbeddings, add_class_embedding, class_embedding_table
 from .normalization import GroupNorm
 
@@ -18,8 +19,8 @@ BLOCK_TYPES = ("resnet", "convnext")
 
 
 def conv2d(in_channels, out_channels, kernel_size, groups=1, has_bias=True):
-    """A stride-1 'same' convolution initialised like PyTorch's Conv2d."""
-    return nn.Conv2d(
+    """A stride-1 'same' convolution initialised like PyTorch's Conv2d (a CPU kernel where it can be)."""
+    return Conv2d(
         in_channels, out_channels, kernel_size, pad_mode="pad", padding=kernel_size // 2, group=groups,
         has_bias=has_bias,
     )
@@ -49,15 +50,18 @@ class WeightStandardization(nn.Cell):
         return dw, ops.zeros((), ms.float32)
 
 
-class WeightStandardizedConv2d(nn.Conv2d):
+class WeightStandardizedConv2d(Conv2d):
     """3x3 convolution whose kernel is standardised per output channel before use (Qiao et al. 2019,
-    "Weight Standardization"); the tutorial pairs it with GroupNorm, with which it trains more stably."""
+    "Weight Standardization"); the tutorial pairs it with GroupNorm, with which it trains more stably.
+    On CPU in float32, standardisation, convolution and bias are one kernel (`Conv2d`)."""
 
     def __init__(self, in_channels, out_channels):
-        super().__init__(in_channels, out_channels, 3, pad_mode="pad", padding=1, has_bias=True)
+        super().__init__(in_channels, out_channels, 3, pad_mode="pad", padding=1, has_bias=True, standardize_eps=1e-5)
         self.standardize = WeightStandardization()
 
     def construct(self, x):
+        if self.kernels is not None and x.dtype == ms.float32:
+            return self.kernels(x, self.weight, self.bias, self.standardize_eps)
         eps = 1e-5 if x.dtype == ms.float32 else 1e-3
         weight = self.standardize(self.weight, eps)
         return ops.conv2d(x, weight.astype(x.dtype), self.bias.astype(x.dtype), pad_mode="pad", padding=1)
@@ -72,10 +76,8 @@ class Block(nn.Cell):
         self.norm = GroupNorm(groups, dim_out)
 
     def construct(self, x, scale=None, shift=None):
-        x = self.norm(self.proj(x))
-        if scale is not None:
-            x = x * (scale + 1) + shift
-        return ops.silu(x)
+        # GroupNorm, scale-shift and SiLU: one fused kernel on CPU (normalization.py)
+        return self.norm(self.proj(x), scale, shift, silu=True)
 
 
 class ResnetBlock(nn.Cell):
