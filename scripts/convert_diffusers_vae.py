@@ -16,16 +16,12 @@ arguments as JSON under the key "autoencoder_kl", so it rebuilds the network alo
 """
 import argparse
 import json
-import os
 import sys
 
-from ms_ddpm.models.state_dict import StateDictError, read_state_dict
+from ms_ddpm.models.state_dict import (StateDictError, check_output_folder, describe, read_config,
+                                      read_state_dict, report_error, save_diffusers_weights)
 
 PROG = "convert_diffusers_vae"
-
-
-class ConversionError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
 
 
 def main(argv=None):
@@ -36,45 +32,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     try:
-        if not os.path.isfile(args.config):
-            raise ConversionError(f"config file not found: {args.config}")
-        try:
-            with open(args.config, encoding="utf-8") as f:
-                config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{args.config} is not valid JSON: {e}") from None
-        output_dir = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(output_dir):
-            raise ConversionError(f"output directory does not exist: {output_dir}")
+        config = read_config(args.config)
+        check_output_folder(args.output)
         # Imported only now so that argument and file errors come back without MindSpore's start-up time.
-        import mindspore as ms
-
         from ms_ddpm.models.autoencoder_kl import AutoencoderKL
-        from ms_ddpm.models.ddpm_unet import load_diffusers_weights
 
         try:
             kwargs = AutoencoderKL.diffusers_config_kwargs(config)
         except ValueError as e:
-            raise ConversionError(f"{args.config}: {e}") from None
+            raise StateDictError(f"{args.config}: {e}") from None
         state_dict = read_state_dict(args.input)
         net = AutoencoderKL(**kwargs)
-        try:
-            load_diffusers_weights(net, state_dict)
-        except ValueError as e:
-            raise ConversionError(f"{args.input} does not fit {args.config}: {e}") from None
-        try:
-            ms.save_checkpoint(net, args.output, append_dict={"autoencoder_kl": json.dumps(kwargs)})
-        except OSError as e:
-            raise ConversionError(f"cannot write {args.output}: {e}") from None
-    except (ConversionError, StateDictError, ValueError) as e:
+        save_diffusers_weights(net, state_dict, args.input, args.output,
+                               append_dict={"autoencoder_kl": json.dumps(kwargs)})
+    except (StateDictError, ValueError) as e:
         # ValueError: AutoencoderKL rejecting the mapped arguments (e.g. widths not divisible by the groups).
-        message = " ".join(str(e).split())
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2  # argparse's status for bad arguments: the input is one
-
-    n_params = sum(p.size for p in net.get_parameters())
-    arguments = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    print(f"wrote {args.output}: {n_params:,} parameters, AutoencoderKL({arguments})")
+        return report_error(PROG, e)
+    print(f"wrote {args.output}: {describe(net, kwargs)}")
     return 0
 
 

@@ -3,12 +3,7 @@
 The reference is a tiny random diffusers AutoencoderKL with two levels (in, out and latent channels all different,
 so that a swapped argument shows); the weights go through the same conversion as a published checkpoint.
 """
-import contextlib
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import mindspore as ms
 import numpy as np
@@ -17,10 +12,11 @@ from scipy import integrate
 
 from ms_ddpm.models.autoencoder_kl import AutoencoderKL, kl_standard_normal, sample_posterior
 from ms_ddpm.models.ddpm_unet import convert_diffusers_state_dict, load_diffusers_weights
-from tests.helpers import import_torch_reference
+from tests.helpers import assert_matches_reference as assert_matches
+from tests.helpers import (execution_mode, import_torch_reference, legacy_attention_names, load_script,
+                           numpy_state_dict, randomise_norms_and_biases, run_script)
 
-CONVERTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                         "convert_diffusers_vae.py")
+CONVERTER = "convert_diffusers_vae"
 
 TINY_DIFFUSERS_CONFIG = dict(
     in_channels=3, out_channels=2, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -39,21 +35,6 @@ SD_VAE_CONFIG = {
 }
 # Parameters of that VAE, counted on diffusers' AutoencoderKL(**SD_VAE_CONFIG).
 SD_VAE_PARAMETER_COUNT = 83_653_863
-LEGACY_ATTENTION_NAMES = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
-
-
-@contextlib.contextmanager
-def execution_mode(mode):
-    previous = ms.get_context("mode")
-    ms.set_context(mode=mode)
-    try:
-        yield
-    finally:
-        ms.set_context(mode=previous)
-
-
-def assert_matches(ms_out, torch_out):
-    np.testing.assert_allclose(ms_out, torch_out, rtol=1e-4, atol=1e-4 * np.abs(torch_out).max())
 
 
 class EncodeDecode(ms.nn.Cell):
@@ -73,14 +54,7 @@ def reference():
     """Tiny random diffusers AutoencoderKL, its numpy state dict, inputs and its outputs."""
     torch, diffusers = import_torch_reference()
     torch.manual_seed(0)
-    model = diffusers.AutoencoderKL(**TINY_DIFFUSERS_CONFIG).eval()
-    with torch.no_grad():
-        # Default init leaves GroupNorm at weight 1 / bias 0 and biases near 0, which would hide a swapped gamma/beta.
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-            elif isinstance(model.get_submodule(name.rpartition(".")[0]), torch.nn.GroupNorm):
-                p.normal_(1.0, 0.1)
+    model = randomise_norms_and_biases(torch, diffusers.AutoencoderKL(**TINY_DIFFUSERS_CONFIG))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     z = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
@@ -89,7 +63,7 @@ def reference():
         outputs = dict(mean=posterior.mean.numpy(), logvar=posterior.logvar.numpy(), kl=posterior.kl().numpy(),
                        decoded=model.decode(torch.from_numpy(z)).sample.numpy(),
                        reconstruction=model(torch.from_numpy(x)).sample.numpy())
-    state_dict = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    state_dict = numpy_state_dict(model)
     return dict(model=model, state_dict=state_dict, x=x, z=z, **outputs)
 
 
@@ -209,28 +183,6 @@ def test_logvar_clamped_like_diffusers(reference):
     assert np.isfinite(kl_standard_normal(mean, ms.Tensor(logvar)).asnumpy()).all()
 
 
-def load_converter_module():
-    spec = importlib.util.spec_from_file_location("convert_diffusers_vae", CONVERTER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_converter(*args, cwd):
-    # cwd: MindSpore may leave log/kernel folders in the working directory.
-    return subprocess.run([sys.executable, CONVERTER, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-def legacy_names(state_dict):
-    """The state dict under the attention names of older diffusers versions (query/key/value/proj_attn)."""
-    renamed = {}
-    for name, value in state_dict.items():
-        for new, old in LEGACY_ATTENTION_NAMES.items():
-            name = name.replace(new, old)
-        renamed[name] = value
-    return renamed
-
-
 @pytest.mark.parametrize("weights_format", ["safetensors", "legacy-bin"])
 def test_converter_script_end_to_end(reference, tmp_path, weights_format):
     torch, _ = import_torch_reference()
@@ -240,12 +192,12 @@ def test_converter_script_end_to_end(reference, tmp_path, weights_format):
         weights = model_dir / "diffusion_pytorch_model.safetensors"
     else:
         weights = model_dir / "diffusion_pytorch_model.bin"
-        legacy = legacy_names(reference["state_dict"])
+        legacy = legacy_attention_names(reference["state_dict"])
         assert sum(name.endswith(".proj_attn.weight") for name in legacy) == 2  # encoder and decoder mid-blocks
         torch.save({k: torch.from_numpy(v) for k, v in legacy.items()}, weights)
     output = tmp_path / "vae.ckpt"
-    result = run_converter("--input", str(weights), "--config", str(model_dir / "config.json"),
-                           "--output", str(output), cwd=tmp_path)
+    result = run_script(CONVERTER, "--input", str(weights), "--config", str(model_dir / "config.json"),
+                        "--output", str(output), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "AutoencoderKL(" in result.stdout
 
@@ -264,8 +216,8 @@ def test_converter_script_end_to_end(reference, tmp_path, weights_format):
 def test_converter_refuses_unrepresentable_config(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**SD_VAE_CONFIG, "shift_factor": 0.0609}))
-    result = run_converter("--input", str(tmp_path / "absent.safetensors"), "--config", str(config),
-                           "--output", str(tmp_path / "x.ckpt"), cwd=tmp_path)
+    result = run_script(CONVERTER, "--input", str(tmp_path / "absent.safetensors"), "--config", str(config),
+                        "--output", str(tmp_path / "x.ckpt"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "shift_factor" in result.stderr, result.stderr
     assert not (tmp_path / "x.ckpt").exists()
@@ -277,8 +229,8 @@ def test_converter_mismatched_keys(reference, tmp_path):
     safetensors_numpy.save_file(reference["state_dict"], str(weights))
     config = tmp_path / "config.json"
     config.write_text(json.dumps(dict(TINY_DIFFUSERS_CONFIG, layers_per_block=2)))  # one ResNet block too many
-    result = run_converter("--input", str(weights), "--config", str(config), "--output", str(tmp_path / "x.ckpt"),
-                           cwd=tmp_path)
+    result = run_script(CONVERTER, "--input", str(weights), "--config", str(config),
+                        "--output", str(tmp_path / "x.ckpt"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "missing" in result.stderr and "encoder.down_blocks.0.resnets.1.conv1.weight" in result.stderr
@@ -291,7 +243,7 @@ def test_converter_file_errors(tmp_path, problem, capsys):
     if problem == "missing config":
         config = tmp_path / "absent.json"
     output = tmp_path / ("absent_dir/x.ckpt" if problem == "no output folder" else "x.ckpt")
-    status = load_converter_module().main(["--input", str(tmp_path / "absent.safetensors"), "--config", str(config),
+    status = load_script(CONVERTER).main(["--input", str(tmp_path / "absent.safetensors"), "--config", str(config),
                                            "--output", str(output)])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1, err
