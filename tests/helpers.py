@@ -81,3 +81,21 @@ def randomise_norms_and_biases(torch, model):
 def numpy_state_dict(model):
     """A torch model's state dict as name -> NumPy array (copies)."""
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def save_diffusers_model(model, folder, weights_format):
+    """Write a diffusers model as a user would find it: config.json plus `diffusion_pytorch_model.safetensors`
+    ("safetensors") or a torch `.bin` under the former attention names ("legacy-bin").
+
+    Returns (weights path, config path).
+    """
+    import torch
+
+    model.save_pretrained(folder, safe_serialization=True)
+    if weights_format == "safetensors":
+        return folder / "diffusion_pytorch_model.safetensors", folder / "config.json"
+    weights = folder / "diffusion_pytorch_model.bin"
+    legacy = legacy_attention_names({k: v.detach() for k, v in model.state_dict().items()})
+    assert any(name.endswith(".proj_attn.weight") for name in legacy), "the model has no attention to rename"
+    torch.save(legacy, weights)
+    return weights, folder / "config.json"

@@ -13,8 +13,8 @@ from scipy import integrate
 from ms_ddpm.models.autoencoder_kl import AutoencoderKL, kl_standard_normal, sample_posterior
 from ms_ddpm.models.ddpm_unet import convert_diffusers_state_dict, load_diffusers_weights
 from tests.helpers import assert_matches_reference as assert_matches
-from tests.helpers import (execution_mode, import_torch_reference, legacy_attention_names, load_script,
-                           numpy_state_dict, randomise_norms_and_biases, run_script)
+from tests.helpers import (execution_mode, import_torch_reference, load_script, numpy_state_dict,
+                           randomise_norms_and_biases, run_script, save_diffusers_model)
 
 CONVERTER = "convert_diffusers_vae"
 
@@ -185,18 +185,10 @@ def test_logvar_clamped_like_diffusers(reference):
 
 @pytest.mark.parametrize("weights_format", ["safetensors", "legacy-bin"])
 def test_converter_script_end_to_end(reference, tmp_path, weights_format):
-    torch, _ = import_torch_reference()
-    model_dir = tmp_path / "vae"
-    reference["model"].save_pretrained(model_dir, safe_serialization=True)  # config.json + .safetensors
-    if weights_format == "safetensors":
-        weights = model_dir / "diffusion_pytorch_model.safetensors"
-    else:
-        weights = model_dir / "diffusion_pytorch_model.bin"
-        legacy = legacy_attention_names(reference["state_dict"])
-        assert sum(name.endswith(".proj_attn.weight") for name in legacy) == 2  # encoder and decoder mid-blocks
-        torch.save({k: torch.from_numpy(v) for k, v in legacy.items()}, weights)
+    import_torch_reference()
+    weights, config = save_diffusers_model(reference["model"], tmp_path / "vae", weights_format)
     output = tmp_path / "vae.ckpt"
-    result = run_script(CONVERTER, "--input", str(weights), "--config", str(model_dir / "config.json"),
+    result = run_script(CONVERTER, "--input", str(weights), "--config", str(config),
                         "--output", str(output), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "AutoencoderKL(" in result.stdout

@@ -13,7 +13,7 @@ import pytest
 from ms_ddpm.models.ddpm_unet import DDPMUNet, convert_diffusers_state_dict, load_diffusers_weights
 from tests.helpers import assert_matches_reference as assert_matches
 from tests.helpers import (execution_mode, legacy_attention_names, load_script, numpy_state_dict,
-                           randomise_norms_and_biases, run_script)
+                           randomise_norms_and_biases, run_script, save_diffusers_model)
 
 # Parameter count of google/ddpm-cifar10-32 ("35.7 million" in Ho et al. 2020, Appendix B).
 PAPER_PARAMETER_COUNT = 35_746_307
@@ -116,18 +116,10 @@ def test_legacy_attention_names_convert_identically(reference):
 
 @pytest.mark.parametrize("weights_format", ["safetensors", "legacy-bin"])
 def test_converter_script_end_to_end(reference, tmp_path, weights_format):
-    import torch
-
-    model_dir = tmp_path / "unet"
-    reference["model"].save_pretrained(model_dir, safe_serialization=True)  # config.json + .safetensors
-    if weights_format == "safetensors":
-        weights = model_dir / "diffusion_pytorch_model.safetensors"
-    else:
-        weights = model_dir / "diffusion_pytorch_model.bin"
-        legacy = legacy_attention_names(reference["state_dict"])  # as in google/ddpm-cifar10-32's .bin
-        torch.save({k: torch.from_numpy(v) for k, v in legacy.items()}, weights)
+    # the legacy names as in google/ddpm-cifar10-32's .bin
+    weights, config = save_diffusers_model(reference["model"], tmp_path / "unet", weights_format)
     output = tmp_path / "tiny.ckpt"
-    result = run_script("convert_diffusers_unet", "--input", str(weights), "--config", str(model_dir / "config.json"),
+    result = run_script("convert_diffusers_unet", "--input", str(weights), "--config", str(config),
                         "--output", str(output), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
