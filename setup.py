@@ -7,6 +7,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ms_ddpm", "ms_ddpm.*"]),
+    package_data={
+        # the real MNIST digits create_dataset("mnist") reads when no root is given (ms_ddpm/data/mnist5k/README.md)
+        "ms_ddpm.data": ["mnist5k/*.gz", "mnist5k/README.md"],
+    },
     # the Pythons MindSpore 2.7.1 / 2.8 publish wheels for
     python_requires=">=3.9,<3.13",
     install_requires=[

@@ -1,7 +1,8 @@
 """Command line: `ms-ddpm train`, `ms-ddpm sample` and `ms-ddpm evaluate`.
 
-Errors a user can fix (bad config, missing data, damaged checkpoint, diverging loss) end with one line on stderr
-and exit status 2, not a traceback.
+Errors a user can fix (bad config, missing data, damaged checkpoint, diverging loss, class labels or a guidance
+scale the model cannot take) end with one line on stderr and exit status 2, not a traceback. Sampling and evaluation
+rebuild everything from the checkpoint (`ms_ddpm.pipeline.DiffusionPipeline`) and never import the trainer.
 """
 import argparse
 import json
@@ -11,17 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError
+from .data import pipeline_error
 from .data.fetch import DownloadError
 from .samplers import DIFFUSION_SAMPLERS, NCSN_SAMPLERS, SAMPLERS
-from .train.checkpoint import CheckpointError
 
 USER_ERRORS = (ConfigError, CheckpointError, DownloadError, FileNotFoundError, ValueError)
 
 
 def train_main(args):
+    from .runtime import set_runtime
     from .train.distributed import init_distributed
-    from .train.trainer import Trainer, TrainingError, set_runtime
+    from .train.trainer import Trainer, TrainingError
 
     cfg = Config.load(args.config, args.set)
     set_runtime(cfg.train)  # the device must be set before a distributed init
@@ -38,48 +41,52 @@ def train_main(args):
 
 
 def sample_main(args):
-    from .train.trainer import build_sampler, default_sampler, load_trained_model
+    from .pipeline import DiffusionPipeline, default_sampler
     from .visualize import save_denoising_animation, save_image_grid
 
-    cfg, net, process, step, weights = load_trained_model(args.ckpt, args.mode, args.device, not args.no_ema)
+    pipe = DiffusionPipeline.from_checkpoint(args.ckpt, not args.no_ema, args.mode, args.device)
+    cfg = pipe.config
     name = args.sampler or default_sampler(cfg)
-    print(f"{args.ckpt}: step {step}, {weights} weights, diffusion.process {cfg.diffusion.process}, sampler {name}")
-    sampler = build_sampler(cfg, name, process, **({"eta": args.eta} if name == "ddim" else {}))
-    if args.steps is not None:  # else the sampler's default: every training timestep / level, or ald's 100 per level
-        sampler.set_timesteps(args.steps)
-    c = cfg.data
+    print(f"{args.ckpt}: step {pipe.checkpoint_step}, {pipe.weights} weights, diffusion.process "
+          f"{cfg.diffusion.process}, sampler {name}"
+          + (f", {len(pipe.class_names)} classes, guidance scale {args.guidance_scale:g}" if pipe.conditional else ""))
+    sampler = pipe.create_sampler(name, **({"eta": args.eta} if name == "ddim" else {}))
+    # steps None: the sampler's default, every training timestep / level, or ald's 100 per level
+    frames = []
+
+    def keep_first_batch(batch, out):
+        if args.gif and batch == 0:
+            frames.append(out.prev_sample.asnumpy())
+
+    samples, labels = pipe(args.num, args.class_labels, args.guidance_scale, sampler, args.steps, args.seed,
+                           args.batch_size, callback=keep_first_batch)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    samples, frames = [], []
-    for i, start in enumerate(range(0, args.num, args.batch_size)):
-        shape = (min(args.batch_size, args.num - start), c.channels, c.image_size, c.image_size)
-        if args.gif and i == 0:
-            steps = [o.prev_sample.asnumpy() for o in sampler.sample_progressive(net, shape, seed=args.seed + i)]
-            frames, x = steps, steps[-1]
-        else:
-            x = sampler.sample(net, shape, seed=args.seed + i).asnumpy()
-        samples.append(x)
-    samples = np.concatenate(samples)
-    np.savez_compressed(out / "samples.npz", samples=samples)
-    save_image_grid(samples[:args.grid], out / "samples.png")
+    np.savez_compressed(out / "samples.npz", samples=samples, **({} if labels is None else {"labels": labels}))
+    save_image_grid(samples[:args.grid], out / "samples.png", labels=None if labels is None else labels[:args.grid])
     if args.gif:
         save_denoising_animation(frames[:: max(1, len(frames) // 50)] + [frames[-1]], out / "denoising.gif")
     print(f"wrote {len(samples)} samples to {out / 'samples.npz'} and a grid to {out / 'samples.png'}"
+          + (" (one row per class)" if labels is not None else "")
           + (f" and {out / 'denoising.gif'}" if args.gif else ""))
 
 
 def evaluate_main(args):
-    from .metrics.evaluate import evaluate, format_report, machine_description, real_floor
+    from .metrics.evaluate import evaluate, format_report, real_floor
+    from .utils import machine_description
 
     common = dict(num=args.num, batch_size=args.batch_size, seed=args.seed, feature_ckpt=args.features,
                   data_root=args.data_root, mode=args.mode, device=args.device)
     if args.real_floor:
         if args.bpd_batches or args.bpd_ode_batches:
             raise ValueError("--real-floor compares real images only: drop --bpd-batches and --bpd-ode-batches")
+        if args.guidance_scale != 1:
+            raise ValueError("--real-floor compares real images only: drop --guidance-scale")
         result = real_floor(args.ckpt, **common)
     else:
         result = evaluate(args.ckpt, args.sampler, args.steps, bpd_batches=args.bpd_batches,
-                          bpd_ode_batches=args.bpd_ode_batches, bpd_ode_steps=args.bpd_ode_steps, **common)
+                          bpd_ode_batches=args.bpd_ode_batches, bpd_ode_steps=args.bpd_ode_steps,
+                          guidance_scale=args.guidance_scale, **common)
     # the command with every option spelled out, defaults included, so the numbers can be reproduced
     options = [(k, v) for k, v in vars(args).items() if k not in ("command", "func") and v not in (None, False)]
     result["command"] = shlex.join(["ms-ddpm", "evaluate"] + [
@@ -111,6 +118,12 @@ def build_parser():
                    help="sampling steps (default: all training timesteps or noise levels); for ald: Langevin steps "
                    "per noise level (default 100, the NCSN paper's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--class-labels", type=int, nargs="+", default=None, metavar="LABEL",
+                   help="class-conditional models: the labels to draw, repeated to fill --num (default: every class "
+                   "equally often); samples.npz then holds their `labels` and the grid has one row per class")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale w >= 0 (Ho & Salimans 2021, in diffusers' convention: 1 is "
+                   "the plain conditional model, larger values favour fidelity to the class over diversity)")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--grid", type=int, default=64, help="samples shown in the PNG grid")
@@ -129,6 +142,9 @@ def build_parser():
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: all training timesteps or noise levels; ald: 100 per level)")
     p.add_argument("--num", type=int, default=1000, help="number of samples (and of real images for --real-floor)")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="class-conditional models: classifier-free guidance scale (1: none); with the MNIST "
+                   "classifier as --features, class accuracy is reported beside FD")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--features", default=None,
                    help="feature-extractor checkpoint: the MNIST classifier of scripts/train_classifier.py or the FID "
@@ -159,6 +175,12 @@ def main(argv=None):
         args.func(args)
     except USER_ERRORS as err:
         print(f"ms-ddpm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # a data pipeline's failure arrives wrapped by MindSpore's engine
+        user_error = pipeline_error(err)
+        if user_error is None:
+            raise
+        print(f"ms-ddpm {args.command}: error: {user_error}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,13 +1,17 @@
 """Run configuration: four sections (model, diffusion, data, train) read from YAML, checked, overridable.
 
-Unknown keys are rejected with the list of valid ones, so a typo never silently falls back to a default.
-Overrides use dotted keys with YAML-typed values: `train.lr=1e-4`, `model.dim_mults=[1,2,4]`.
+Unknown keys are rejected with the list of valid ones, so a typo never silently falls back to a default, and every
+value is checked against its field's type (`train.steps: many` is refused by name).
+Overrides use dotted keys with YAML-typed values: `train.lr=1e-4`, `model.kwargs.dim_mults=[1,2,4]`; a key inside a
+mapping field (`model.kwargs.dim=32`) changes that entry and keeps the others.
 The resolved config is written next to the checkpoints and stored inside each checkpoint, so sampling and resuming
 rebuild everything from the checkpoint alone.
 """
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -19,8 +23,9 @@ class ModelConfig:
 
 
 PROCESSES = ("ddpm", "ncsn")
-# diffusion keys of process "ncsn"; all others (but `process`) belong to "ddpm"
+# diffusion keys of process "ncsn"; all others but COMMON_KEYS belong to "ddpm"
 NCSN_KEYS = ("sigma_max", "sigma_min", "num_noise_levels", "langevin_step_lr")
+COMMON_KEYS = ("process", "cond_drop_prob")
 
 
 @dataclass
@@ -34,6 +39,9 @@ class DiffusionConfig:
     """
 
     process: str = "ddpm"  # ddpm (Gaussian diffusion chain) | ncsn (noise-conditional score network)
+    # classifier-free guidance (Ho & Salimans 2021, Algorithm 1): the probability with which training replaces a
+    # class label by the null label, so one network also learns the unconditional model; class-conditional models only
+    cond_drop_prob: float = 0.0
     # process ddpm
     num_timesteps: int = 1000  # T, training chain length
     beta_schedule: str = "linear"  # linear | cosine | quadratic | sigmoid
@@ -55,9 +63,12 @@ class DiffusionConfig:
     def __post_init__(self):
         if self.process not in PROCESSES:
             raise ConfigError(f"diffusion.process must be one of {list(PROCESSES)}, got {self.process!r}")
+        p = self.cond_drop_prob
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ConfigError(f"diffusion.cond_drop_prob must be in [0, 1) (0.1 is usual), got {self.cond_drop_prob!r}")
         other = "ddpm" if self.process == "ncsn" else "ncsn"
         idle = [f.name for f in dataclasses.fields(self)
-                if f.name != "process" and (f.name in NCSN_KEYS) == (other == "ncsn")
+                if f.name not in COMMON_KEYS and (f.name in NCSN_KEYS) == (other == "ncsn")
                 and getattr(self, f.name) != f.default]
         if idle:
             raise ConfigError(f"diffusion key(s) {idle} are settings of process {other!r} and do nothing with "
@@ -67,12 +78,18 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     name: str = "mnist"  # mnist | fashion_mnist | cifar10 | folder
-    root: str = "../shared/data/mnist5k"  # dataset folder (relative paths are taken from the working directory)
+    # dataset folder (relative paths are taken from the working directory); None: for mnist, the 4,000 + 1,000 real
+    # digits the package carries (ms_ddpm/data/mnist5k/README.md), so the quick start needs nothing beside it
+    root: Optional[str] = None
     image_size: int = 28  # images are resized and centre-cropped to this size
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     random_flip: bool = False  # random horizontal flips (CIFAR-10 in the DDPM paper)
     download: bool = False  # fetch the official archive when root is missing
-    num_parallel_workers: int = 1  # dataset worker threads
+    # workers reading and transforming images; None: the data package's default (the usable cores but one, at
+    # most 8: `ms_ddpm.data.datasets.default_workers`)
+    num_parallel_workers: Optional[int] = None
+    # class names in label order (label i is class_names[i]); class-conditional runs fill them in from the data
+    class_names: Optional[list] = None
 
 
 @dataclass
@@ -116,6 +133,32 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message says what to change."""
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+               list: "a list"}
+
+
+def _checked(where, value, annotation):
+    """`value` if it fits the field type `annotation` (one of _TYPE_NAMES, or Optional of one), else a ConfigError.
+
+    Integers pass as floats. Strings that spell a float pass as floats too: YAML 1.1 reads `1e-4` (no dot) as a
+    string, and `train.lr=1e-4` should mean what it says."""
+    optional = typing.get_origin(annotation) is typing.Union
+    kind = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    expected = _TYPE_NAMES[kind] + (" or null" if optional else "")
+    raise ConfigError(f"{where} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -139,7 +182,8 @@ class Config:
             bad = sorted(set(values) - set(valid))
             if bad:
                 raise ConfigError(f"unknown key(s) {bad} in section '{name}'; valid keys: {valid}")
-            sections[name] = section_cls(**values)
+            types = {f.name: f.type for f in dataclasses.fields(section_cls)}
+            sections[name] = section_cls(**{k: _checked(f"{name}.{k}", v, types[k]) for k, v in values.items()})
         return cls(**sections)
 
     @classmethod
@@ -152,15 +196,29 @@ class Config:
                 raise ConfigError(f"config file {path} does not exist")
             with open(path, encoding="utf-8") as f:
                 raw = yaml.safe_load(f) or {}
+        if not overrides:
+            return cls.from_dict(raw)
+        # overrides apply to the resolved config, so a key inside a mapping keeps the mapping's other entries
+        resolved = cls.from_dict(raw).to_dict()
         for item in overrides:
             key, sep, value = item.partition("=")
             parts = key.split(".")
-            if not sep or len(parts) != 2:
-                raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-4")
-            if not isinstance(raw.get(parts[0], {}), dict):
-                raise ConfigError(f"section {parts[0]!r} of the config is not a mapping")
-            raw.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(value)
-        return cls.from_dict(raw)
+            if not sep or len(parts) < 2 or not all(parts):
+                raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-4 or "
+                                  "model.kwargs.dim=32")
+            if parts[0] not in resolved:
+                raise ConfigError(f"override {item!r}: unknown config section {parts[0]!r}; valid sections: "
+                                  f"{list(SECTIONS)}")
+            container = resolved[parts[0]]
+            for depth, part in enumerate(parts[1:-1], start=1):
+                container = container.setdefault(part, {})
+                if not isinstance(container, dict):
+                    raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a mapping")
+            try:
+                container[parts[-1]] = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"override {item!r}: the value is not valid YAML ({err.problem})") from None
+        return cls.from_dict(resolved)
 
     def to_dict(self):
         return dataclasses.asdict(self)

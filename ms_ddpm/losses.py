@@ -1,6 +1,7 @@
-"""Training losses of diffusion models: per-pixel loss type and per-timestep weighting.
+"""Training losses: the diffusion loss with its per-pixel loss types and per-timestep weightings, and NCSN's
+denoising score matching.
 
-Weightings are written for the eps objective and carried over to the others through the identities
+`DiffusionLoss` weightings are written for the eps objective and carried over to the others through the identities
 ||x0_hat - x_0||^2 = ||eps_hat - eps||^2 / SNR and ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x_0||^2
 (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", Sec. 3.3), so the same weighting
 means the same thing whatever the network predicts: an x0 loss is weighted by w * SNR, a v loss by
@@ -8,11 +9,15 @@ w * SNR / (SNR + 1). (The identities are exact for L2, approximate for L1/Huber.
     none:    w = 1: L_simple (Ho et al. 2020, Eq. 14).
     p2:      w = 1 / (k + SNR)^gamma (Choi et al. 2022, "Perception Prioritized Training", Eq. 8).
     min_snr: w = min(SNR, gamma) / SNR (Hang et al. 2023, Eq. 11).
+
+Both losses take the condition of the generation (`cond`, e.g. class labels, with the null label where the trainer
+dropped it for classifier-free guidance) and hand it to the network.
 """
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from .models import call_network
 from .utils import check_choice
 
 LOSS_TYPES = ("l1", "l2", "huber")
@@ -32,9 +37,10 @@ def timestep_weights(diffusion, weighting, p2_gamma=1.0, p2_k=1.0, min_snr_gamma
 class DiffusionLoss(nn.Cell):
     """Network plus diffusion: the training loss for a batch of clean images.
 
-    construct(x_start, t, noise): x_start (B, C, H, W) in [-1, 1], t (B,) int32 timesteps, noise (B, C, H, W)
-    standard normal, returns the scalar loss. t and noise come from the caller so that a run is reproducible from
-    one host RNG whose state is checkpointed, and identical in graph and PyNative mode.
+    construct(x_start, t, noise, cond=None): x_start (B, C, H, W) in [-1, 1], t (B,) int32 timesteps, noise
+    (B, C, H, W) standard normal, cond the network's condition ((B,) int32 labels) or None; returns the scalar loss.
+    t, noise and cond come from the caller so that a run is reproducible from one host RNG whose state is
+    checkpointed, and identical in graph and PyNative mode.
 
     The loss is computed in float32 whatever dtype the network runs in (mixed precision).
     `huber` is smooth L1 with beta = 1 (PyTorch's `F.smooth_l1_loss`), the loss of the annotated-diffusion tutorial.
@@ -50,10 +56,10 @@ class DiffusionLoss(nn.Cell):
         self.weighted = weighting != "none"
         self.weights = ms.Tensor(timestep_weights(diffusion, weighting, p2_gamma, p2_k, min_snr_gamma), ms.float32)
 
-    def construct(self, x_start, t, noise):
+    def construct(self, x_start, t, noise, cond=None):
         x_t = self.diffusion.q_sample(x_start, t, noise)
         target = self.diffusion.training_target(x_start, t, noise)
-        diff = self.network(x_t, t).astype(ms.float32) - target
+        diff = call_network(self.network, x_t, t, cond).astype(ms.float32) - target
         if self.loss_type == "l1":
             loss = ops.abs(diff)
         elif self.loss_type == "l2":
@@ -65,3 +71,32 @@ class DiffusionLoss(nn.Cell):
         if self.weighted:
             loss = loss * ops.gather(self.weights, t, 0)
         return loss.mean()
+
+
+class NCSNLoss(nn.Cell):
+    """Denoising score matching over all noise levels with lambda(sigma) = sigma^2 (Song & Ermon 2019, Eqs. 5-6):
+
+        loss = 1/2 E_{i, x, z} || sigma_i s(x + sigma_i z, i) + z ||^2
+
+    (Eq. 5's target -(x_tilde - x) / sigma^2 = -z / sigma, times lambda = sigma^2). The norm sums over pixels,
+    the expectation averages over the batch, as the NCSN code's `anneal_dsm_score_estimation`.
+
+    construct(x, labels, noise, cond=None): x (B, C, H, W) data, labels (B,) int32 level indices drawn uniformly
+    from [0, L), noise (B, C, H, W) standard normal, cond as in `DiffusionLoss`; returns the scalar loss. labels,
+    noise and cond come from the caller, as in `DiffusionLoss`, so a run is reproducible from one host RNG.
+
+    Args:
+        network: callable (x, labels[, cond]) -> score estimate of x's shape.
+        sigmas: (L,) noise levels, largest first (e.g. `geometric_sigmas`, or a `NoiseLevels` process's `.sigmas`).
+    """
+
+    def __init__(self, network, sigmas):
+        super().__init__(auto_prefix=False)
+        self.network = network
+        self.sigmas = ms.Tensor(np.asarray(sigmas, dtype=np.float64), ms.float32)
+
+    def construct(self, x, labels, noise, cond=None):
+        sigma = ops.gather(self.sigmas, labels, 0).reshape((-1,) + (1,) * (x.ndim - 1))
+        score = call_network(self.network, x + sigma * noise, labels, cond).astype(ms.float32)
+        residual = sigma * score + noise
+        return 0.5 * (residual * residual).reshape(x.shape[0], -1).sum(1).mean()

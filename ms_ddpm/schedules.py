@@ -1,4 +1,5 @@
-"""Noise (beta) schedules of the forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I).
+"""Noise (beta) schedules of the forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I), and the
+spacings by which samplers pick a subset of the training timesteps (`spaced_timesteps`).
 
 All schedules are computed in NumPy float64 and returned as arrays of shape (T,); callers turn them into tensors
 at the edge. The names and formulas match diffusers' `DDPMScheduler(beta_schedule=...)`, which the tests check:
@@ -23,6 +24,7 @@ import numpy as np
 from .utils import check_choice
 
 SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 def linear_beta_schedule(num_timesteps, beta_start=1e-4, beta_end=0.02):
@@ -67,3 +69,24 @@ def get_beta_schedule(name, num_timesteps, beta_start=1e-4, beta_end=0.02):
     return {"linear": linear_beta_schedule, "quadratic": quadratic_beta_schedule, "sigmoid": sigmoid_beta_schedule}[
         name
     ](num_timesteps, beta_start, beta_end)
+
+
+def spaced_timesteps(num_train_timesteps, num_inference_steps, spacing):
+    """Descending integer timesteps; spacings as Table 2 of Lin et al. 2024 ("Common Diffusion Noise Schedules and
+    Sample Steps are Flawed") and diffusers:
+        leading:  0, k, 2k, ... with k = T // N (DDIM paper's uniform skip; never visits t = T-1 when N < T)
+        trailing: T-1, T-1-T/N, ... rounded (always starts from the noisiest step)
+        linspace: round(linspace(0, T-1, N))
+    """
+    check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+    if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps must be an integer from 1 to the {num_train_timesteps} training timesteps, "
+            f"got {num_inference_steps!r}"
+        )
+    if spacing == "leading":
+        steps = np.arange(num_inference_steps) * (num_train_timesteps // num_inference_steps)
+        return steps[::-1].astype(np.int64)
+    if spacing == "trailing":
+        return np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_inference_steps)).astype(np.int64) - 1
+    return np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1].astype(np.int64)

@@ -30,8 +30,24 @@ def make_grid(images, nrow=None, padding=2):
     return grid
 
 
-def save_image_grid(images, path, nrow=None):
-    """Write (N, C, H, W) images in [-1, 1] as one PNG grid."""
+def rows_by_class(images, labels):
+    """(N, C, H, W) images and their (N,) labels -> (images, nrow) arranged one row per class, classes in order of
+    first appearance, rows padded with black images to the longest."""
+    labels = np.asarray(labels)
+    classes = list(dict.fromkeys(labels.tolist()))
+    width = max(int((labels == k).sum()) for k in classes)
+    blank = np.full_like(images[:1], -1.0)
+    rows = []
+    for k in classes:
+        members = images[labels == k]
+        rows.append(np.concatenate([members] + [blank] * (width - len(members))))
+    return np.concatenate(rows), width
+
+
+def save_image_grid(images, path, nrow=None, labels=None):
+    """Write (N, C, H, W) images in [-1, 1] as one PNG grid; with their (N,) class labels, one row per class."""
+    if labels is not None:
+        images, nrow = rows_by_class(np.asarray(images), labels)
     grid = make_grid(images, nrow)
     image.imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255)
 

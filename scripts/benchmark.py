@@ -23,10 +23,8 @@ Timings are medians over `--repeats` after `--warmup` steps; the warm-up include
 (first call minus a steady step) is reported on its own.
 """
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -36,6 +34,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from ms_ddpm.utils import machine_description  # imports no MindSpore: the parent runs torch
 
 DDIM_STEPS = 50
 DPM_SOLVER_STEPS = 20
@@ -203,7 +203,7 @@ def phase_ms_train(args, mode):
     rng = np.random.default_rng(cfg.train.seed)
     shape = image_shape(cfg)
     images = ms.Tensor(rng.uniform(-1, 1, shape).astype(np.float32))
-    T = trainer.diffusion.num_timesteps
+    T = trainer.process.num_timesteps
     losses = []
 
     def step():
@@ -233,9 +233,9 @@ def count_flops_mindspore(cfg):
     from mindspore import nn
 
     from ms_ddpm.models import unet
-    from ms_ddpm.train.trainer import build_model
+    from ms_ddpm.models import create_model
 
-    net = build_model(cfg)
+    net = create_model(cfg.model.name, **cfg.model.kwargs)
     net.set_train(False)
     counts = []
 
@@ -278,7 +278,9 @@ def phase_ms_sample(args):
     import mindspore as ms
 
     from ms_ddpm.samplers import SAMPLERS, create_sampler
-    from ms_ddpm.train.trainer import build_diffusion, build_model, set_runtime
+    from ms_ddpm.models import create_model
+    from ms_ddpm.processes import create_process
+    from ms_ddpm.runtime import set_runtime
 
     cfg = load_config(args)
     rss_after_imports = rss_mib()
@@ -286,8 +288,8 @@ def phase_ms_sample(args):
     threads = set_mindspore_threads(args)
     set_runtime(cfg.train)
     ms.set_seed(cfg.train.seed)
-    diffusion = build_diffusion(cfg)
-    net = build_model(cfg)
+    diffusion = create_process(cfg.diffusion)
+    net = create_model(cfg.model.name, **cfg.model.kwargs)
     net.set_train(False)
     shape = image_shape(cfg)
     T = diffusion.num_timesteps
@@ -382,9 +384,9 @@ def torch_setup(args):
 
 def diffusion_tables(cfg, torch):
     from ms_ddpm.losses import timestep_weights
-    from ms_ddpm.train.trainer import build_diffusion
+    from ms_ddpm.processes import create_process
 
-    d = build_diffusion(cfg)
+    d = create_process(cfg.diffusion)
     ab = d.alphas_cumprod
     weights = None
     if cfg.diffusion.loss_weighting != "none":
@@ -520,39 +522,6 @@ def run_phase_here(args):
 
 # ---------------------------------------------------------------------------------------------------------------
 # the parent: machine description, matmul throughput, phases in subprocesses, report
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def version(package):
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def machine_description():
-    return {
-        "cpu": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "mindspore": version("mindspore"),
-        "torch": version("torch"),
-        "numpy": version("numpy"),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def matmul_gflops(torch=None, n=MATMUL_SIZE, repeats=5):

@@ -10,7 +10,8 @@ Usage:
 state dict (needs torch). `--config` is the model's diffusers `config.json` (for google/ddpm-cifar10-32 the one
 next to the weights); without it the paper's CIFAR-10 configuration is used. Configurations that `DDPMUNet`
 cannot represent (other block types, flipped sinusoids, symmetric downsampling padding, multi-head attention, ...)
-are refused with a message. Load the result with:
+are refused with a message. Class-conditional models (`num_class_embeds` with `class_embed_type` null: a learned
+class embedding added to the time embedding) convert too. Load the result with:
 
     net = DDPMUNet(**kwargs)  # the configuration printed by this script
     ms.load_param_into_net(net, ms.load_checkpoint("ddpm_cifar10.ckpt"), strict_load=True)
@@ -20,6 +21,7 @@ import sys
 
 from ms_ddpm.models.state_dict import (StateDictError, check_output_folder, describe, read_config,
                                       read_state_dict, report_error, save_diffusers_weights)
+from ms_ddpm.utils import check_int
 
 PROG = "convert_diffusers_unet"
 
@@ -43,13 +45,12 @@ _FIXED_OPTIONS = {
     "upsample_type": ("conv", "conv"),
     "add_attention": (True, True),
     "class_embed_type": (None, None),
-    "num_class_embeds": (None, None),
 }
 # Options that are read below, or that do not change the weights or the computation at inference.
 _HANDLED_OPTIONS = {
     "sample_size", "in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
     "layers_per_block", "norm_num_groups", "norm_eps", "attention_head_dim", "attn_norm_num_groups",
-    "time_embedding_dim", "dropout", "num_train_timesteps",
+    "time_embedding_dim", "dropout", "num_train_timesteps", "num_class_embeds",
 }
 
 
@@ -105,7 +106,7 @@ def ddpm_unet_kwargs(config):
         raise ConversionError(f"attention_head_dim={head_dim} gives multi-head attention; DDPMUNet is single-head "
                               "(attention_head_dim null, or equal to the attention blocks' width)")
 
-    return dict(
+    kwargs = dict(
         in_channels=config.get("in_channels", 3),
         out_channels=config.get("out_channels", 3),
         ch=ch,
@@ -117,6 +118,11 @@ def ddpm_unet_kwargs(config):
         num_groups=groups,
         eps=config.get("norm_eps", 1e-5),
     )
+    # a class-conditional model: its class_embedding table (K rows, added to the time embedding)
+    num_class_embeds = config.get("num_class_embeds")
+    if num_class_embeds is not None:
+        kwargs["num_class_embeds"] = check_int("num_class_embeds", num_class_embeds, 1)
+    return kwargs
 
 
 def main(argv=None):

@@ -1,14 +1,19 @@
-"""FD and samples/s of one checkpoint under every diffusion sampler at several step counts: the README's table.
+"""FD and samples/s of one checkpoint under every diffusion sampler at several step counts, and for a
+class-conditional checkpoint FD and class accuracy over classifier-free guidance scales: the README's tables.
 
     python scripts/sampler_table.py --ckpt outputs/mnist5k/ckpt_00001300.ckpt \
         --features outputs/classifier.ckpt --num 500 --json outputs/sampler_table.json
+    python scripts/sampler_table.py --ckpt outputs/mnist5k_cond/ckpt_00001300.ckpt \
+        --features outputs/classifier.ckpt --num 1000 --runs ddim=50 dpm_solver=20 \
+        --guidance-scales 1 1.5 2 3 5 --json outputs/guidance_table.json
 
 Each row is one `ms_ddpm.metrics.evaluate.evaluate` call (the same code as `ms-ddpm evaluate`), with the same seeds
 for every sampler; the first row is the real-vs-real floor (`real_floor`: `--num` real train images against the
 test split) for scale. Rows are written to the JSON file as they finish, so an interrupted run keeps its rows and
 `--json` of a previous run is extended, not overwritten: rows already there are skipped.
-Read the table against Table 1 of the DDIM paper (Song et al. 2021): DDIM degrades gently as steps fall, DDPM's
-ancestral sampler collapses.
+Read the sampler table against Table 1 of the DDIM paper (Song et al. 2021): DDIM degrades gently as steps fall,
+DDPM's ancestral sampler collapses; the guidance table against Ho & Salimans 2021 (Tables 1-2: as guidance grows,
+fidelity rises and diversity falls, so FD first improves and then worsens; their w is guidance_scale - 1).
 """
 import argparse
 import json
@@ -32,15 +37,25 @@ def parse_args(argv=None):
     p.add_argument("--steps", nargs="+", type=int, default=list(STEPS), help="step counts of every sampler")
     p.add_argument("--max-steps", nargs="+", default=[], metavar="SAMPLER=STEPS",
                    help="cap a sampler's step counts, e.g. pc=100 (its longer rows are left out)")
+    p.add_argument("--runs", nargs="+", default=None, metavar="SAMPLER=STEPS",
+                   help="exactly these sampler / step-count pairs, e.g. ddim=50 dpm_solver=20, instead of "
+                   "--samplers x --steps")
+    p.add_argument("--guidance-scales", nargs="+", type=float, default=[1.0], metavar="W",
+                   help="classifier-free guidance scales of a class-conditional checkpoint (every run at each)")
     p.add_argument("--json", required=True, help="rows are appended here as they finish (JSON lines)")
     args = p.parse_args(argv)
-    caps = {}
-    for item in args.max_steps:
-        name, _, value = item.partition("=")
-        if name not in DIFFUSION_SAMPLERS or not value.isdigit():
-            p.error(f"--max-steps takes SAMPLER=STEPS with SAMPLER in {list(DIFFUSION_SAMPLERS)}, got {item!r}")
-        caps[name] = int(value)
-    args.max_steps = caps
+
+    def pairs(items, option):
+        out = []
+        for item in items:
+            name, _, value = item.partition("=")
+            if name not in DIFFUSION_SAMPLERS or not value.isdigit():
+                p.error(f"{option} takes SAMPLER=STEPS with SAMPLER in {list(DIFFUSION_SAMPLERS)}, got {item!r}")
+            out.append((name, int(value)))
+        return out
+
+    args.max_steps = dict(pairs(args.max_steps, "--max-steps"))
+    args.runs = None if args.runs is None else pairs(args.runs, "--runs")
     return args
 
 
@@ -52,13 +67,39 @@ def load_rows(path):
 
 
 def row_key(row):
-    return ("floor", 0) if row.get("real_floor") else (row["sampler"], row["steps"])
+    return ("floor", 0, 1.0) if row.get("real_floor") else (row["sampler"], row["steps"],
+                                                            row.get("guidance_scale", 1.0))
+
+
+def guidance_markdown(rows):
+    """Rows over guidance scales as a Markdown table: one line per scale, FD and class accuracy per run."""
+    runs = sorted({(r["sampler"], r["steps"]) for r in rows}, key=lambda run: (DIFFUSION_SAMPLERS.index(run[0]), run[1]))
+    cells = {row_key(r): r for r in rows}
+    lines = ["| guidance scale | " + " | ".join(f"{name}-{steps} FD | {name}-{steps} class accuracy"
+                                                for name, steps in runs) + " |",
+             "|---:|" + "---:|---:|" * len(runs)]
+    for w in sorted({r.get("guidance_scale", 1.0) for r in rows}):
+        row = []
+        for name, steps in runs:
+            r = cells.get((name, steps, w))
+            accuracy = "-" if r is None or r.get("class_accuracy") is None else f"{r['class_accuracy']:.3f}"
+            row += ["-" if r is None else f"{r['fd']:.2f}", accuracy]
+        lines.append(f"| {w:g} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def markdown(rows):
-    """The rows as a Markdown table: one line per sampler, FD and samples/s per step count."""
+    """The rows as a Markdown table: one line per sampler, FD and samples/s per step count (with several guidance
+    scales: `guidance_markdown`)."""
     floor = next((r for r in rows if r.get("real_floor")), None)
-    steps = sorted({r["steps"] for r in rows if not r.get("real_floor")})
+    sampled = [r for r in rows if not r.get("real_floor")]
+    if len({r.get("guidance_scale", 1.0) for r in sampled}) > 1:
+        table = guidance_markdown(sampled)
+        if floor:
+            table += (f"\n\nreal-vs-real floor ({floor['num']} train vs {floor['num_real']} test images): "
+                      f"FD {floor['fd']:.3f}")
+        return table
+    steps = sorted({r["steps"] for r in sampled})
     lines = ["| sampler | " + " | ".join(f"{s} steps" for s in steps) + " |",
              "|---|" + "---|" * len(steps)]
     for name in DIFFUSION_SAMPLERS:
@@ -80,16 +121,18 @@ def main(argv=None):
     done = {row_key(r) for r in rows}
     common = dict(num=args.num, batch_size=args.batch_size, feature_ckpt=args.features)
     # short chains first: a run stopped early still has a complete table of them
-    plan = [("floor", 0)] + [(name, s) for s in sorted(args.steps) for name in args.samplers
-                             if s <= args.max_steps.get(name, s)]
-    for name, steps in plan:
-        if (name, steps) in done:
+    runs = args.runs or [(name, s) for s in sorted(args.steps) for name in args.samplers
+                         if s <= args.max_steps.get(name, s)]
+    plan = [("floor", 0, 1.0)] + [(name, s, w) for w in args.guidance_scales for name, s in runs]
+    for name, steps, w in plan:
+        if (name, steps, w) in done:
             continue
-        print(f"[sampler_table] {name} {steps or ''}", file=sys.stderr, flush=True)
+        print(f"[sampler_table] {name} {steps or ''}" + (f" guidance {w:g}" if w != 1 else ""), file=sys.stderr,
+              flush=True)
         if name == "floor":
             row = real_floor(args.ckpt, **common)
         else:
-            row = evaluate(args.ckpt, name, steps=steps, progress=False, **common)
+            row = evaluate(args.ckpt, name, steps=steps, progress=False, guidance_scale=w, **common)
         row["load_average"] = os.getloadavg()  # samples/s is only as good as the machine was quiet
         rows.append(row)
         with open(args.json, "a", encoding="utf-8") as f:

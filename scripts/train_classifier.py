@@ -1,6 +1,6 @@
 """Train the MNIST classifier whose penultimate features `ms-ddpm evaluate --features` uses for FD / KID.
 
-    python scripts/train_classifier.py --data ../shared/data/mnist5k --out classifier.ckpt [--epochs 10] [--seed 0]
+    python scripts/train_classifier.py --out classifier.ckpt [--data FOLDER] [--epochs 10] [--seed 0]
 
 Trains `ms_ddpm.metrics.features.MNISTClassifier` on the train split (the 4,000 digits of mnist5k) with Adam, a
 cosine learning rate and random shifts of up to 2 pixels, in graph mode (the step compiled with `ms.jit`), then
@@ -8,7 +8,8 @@ prints the accuracy on the test split (1,000 digits) and the wall time, sets the
 train digits' features, see ms_ddpm.metrics.features), and writes the checkpoint atomically (weights, constructor
 arguments, test accuracy, seed and epochs). Images are scaled to [-1, 1] by the library's
 `to_model_input`, as for the diffusion models. The IDX files are read with `mindspore.dataset.MnistDataset`
-directly because ms_ddpm's `create_dataset` drops the labels (unconditional generation).
+directly: the random shifts work on the uint8 images, before the scaling that `create_dataset` applies. Without
+`--data` they are the 4,000 + 1,000 digits the package carries (`ms_ddpm.data.embedded`), as for the configs.
 
 Exit status 2 with one line on stderr for a missing data folder or bad arguments.
 """
@@ -23,6 +24,7 @@ import numpy as np
 from mindspore import nn
 
 from ms_ddpm.data.datasets import to_model_input
+from ms_ddpm.data.embedded import embedded_mnist_root
 from ms_ddpm.data.formats import file_problems
 from ms_ddpm.metrics.features import MNISTClassifier, save_feature_extractor
 
@@ -117,7 +119,8 @@ def train(root, epochs=10, seed=0, lr=2e-3, train_images=None, log=print):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="../shared/data/mnist5k", help="folder with the MNIST IDX files")
+    p.add_argument("--data", default=None,
+                   help="folder with the unpacked MNIST IDX files (default: the digits the package carries)")
     p.add_argument("--out", default="classifier.ckpt", help="checkpoint to write")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -128,7 +131,8 @@ def main(argv=None):
         if args.epochs < 1 or (args.train_images is not None and args.train_images < 1):
             raise ValueError("--epochs and --train-images must be >= 1")
         ms.set_context(mode=ms.GRAPH_MODE)
-        net, acc, seconds, num_test = train(args.data, args.epochs, args.seed, train_images=args.train_images)
+        root = embedded_mnist_root() if args.data is None else args.data
+        net, acc, seconds, num_test = train(root, args.epochs, args.seed, train_images=args.train_images)
     except (FileNotFoundError, ValueError) as err:
         print(f"train_classifier: error: {err}", file=sys.stderr)
         return 2

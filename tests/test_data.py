@@ -4,19 +4,27 @@ import hashlib
 import http.server
 import io
 import os
+import re
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 import pytest
+import yaml
 from mindspore import nn
 from PIL import Image
 
-from ms_ddpm.data import DATASETS, create_dataset, fetch
+from ms_ddpm.config import Config
+from ms_ddpm.data import DATASETS, ImageReadError, class_names, create_dataset, embedded, fetch, pipeline_error
+from ms_ddpm.data.datasets import default_workers, to_model_input
 from tests.helpers import MNIST5K
 
+REPO = Path(__file__).resolve().parents[1]
 needs_mnist5k = pytest.mark.skipif(not MNIST5K.is_dir(), reason=f"real MNIST subset not found at {MNIST5K}")
 
 CIFAR_RECORD = 1 + 3 * 32 * 32
@@ -25,13 +33,24 @@ IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 
 def scaled(raw_uint8):
-    """The documented mapping x / 127.5 - 1, in float32."""
-    return raw_uint8.astype(np.float32) / np.float32(127.5) - np.float32(1)
+    """The documented mapping (x - 127.5) / 127.5, in float32."""
+    return (raw_uint8.astype(np.float32) - np.float32(127.5)) / np.float32(127.5)
 
 
-def epoch(dataset):
-    """All images of one epoch as one float32 (N, C, H, W) array."""
-    return np.concatenate([row["image"] for row in dataset.create_dict_iterator(output_numpy=True, num_epochs=1)])
+def epoch(dataset, column="image"):
+    """All images (or labels) of one epoch as one array: float32 (N, C, H, W), or int32 (N,)."""
+    return np.concatenate([row[column] for row in dataset.create_dict_iterator(output_numpy=True, num_epochs=1)])
+
+
+def labelled_epoch(dataset):
+    """(images, labels) of one epoch, read together from each batch."""
+    rows = list(dataset.create_tuple_iterator(output_numpy=True, num_epochs=1))
+    assert all(len(row) == 2 for row in rows)
+    return np.concatenate([x for x, _ in rows]), np.concatenate([y for _, y in rows])
+
+
+def read_idx_labels(path):
+    return np.fromfile(path, dtype=np.uint8)[8:]
 
 
 def read_idx_images(path):
@@ -85,7 +104,7 @@ def test_mnist5k_batches_are_float32_nchw_in_minus_one_one():
     images = epoch(dataset)
     assert images.dtype == np.float32 and images.shape == (4000 // 64 * 64, 1, 28, 28)
     assert images.min() == -1.0 and images.max() == 1.0
-    # shuffle=False keeps file order, so the batches are exactly the IDX pixels mapped by x / 127.5 - 1
+    # shuffle=False keeps file order, so the batches are exactly the IDX pixels mapped by (x - 127.5) / 127.5
     raw = read_idx_images(MNIST5K / "train-images-idx3-ubyte")
     np.testing.assert_array_equal(images[:, 0], scaled(raw[: len(images)]))
 
@@ -162,6 +181,91 @@ def test_batches_feed_a_network(mode):
     assert net(x).shape == (8, 4, 28, 28)
 
 
+@needs_mnist5k
+def test_mnist5k_labels_are_the_idx_labels_and_change_no_image():
+    raw_labels = read_idx_labels(MNIST5K / "train-labels-idx1-ubyte")
+    images, labels = labelled_epoch(create_dataset("mnist", MNIST5K, batch_size=64, shuffle=False, labels=True))
+    assert labels.dtype == np.int32 and labels.shape == (4000 // 64 * 64,)
+    np.testing.assert_array_equal(labels, raw_labels[: len(labels)])
+    np.testing.assert_array_equal(images, epoch(create_dataset("mnist", MNIST5K, batch_size=64, shuffle=False)))
+    assert class_names("mnist") == [str(d) for d in range(10)]
+
+    # shuffled, sharded and skipped: the same images in the same order as without labels, each with its own label
+    label_of = dict(zip(hashes(epoch(create_dataset("mnist", MNIST5K, batch_size=40, shuffle=False))), raw_labels))
+    for shard_id in range(2):
+        kwargs = dict(batch_size=40, num_shards=2, shard_id=shard_id, seed=7)
+        plain = create_dataset("mnist", MNIST5K, **kwargs).skip(3)
+        images, labels = labelled_epoch(create_dataset("mnist", MNIST5K, labels=True, **kwargs).skip(3))
+        assert len(images) == 2000 - 3 * 40
+        np.testing.assert_array_equal(images, epoch(plain))
+        np.testing.assert_array_equal(labels, [label_of[h] for h in hashes(images)])
+
+
+# ------------------------------------------------------------------------------------- the digits the package carries
+
+
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    """A fresh per-user cache folder: $XDG_CACHE_HOME/ms_ddpm."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "ms_ddpm"
+
+
+@needs_mnist5k
+def test_quick_start_configs_read_the_carried_digits_which_are_mnist5k(user_cache):
+    for config in ("unet_mnist5k_cpu.yaml", "ncsn_mnist5k_cpu.yaml"):
+        data = Config.load(REPO / "configs" / config).data
+        assert data.name == "mnist" and data.root is None and not data.download
+    assert Config().data.root is None
+    for split in ("train", "test"):
+        kwargs = dict(split=split, image_size=data.image_size, channels=data.channels, batch_size=100, shuffle=False,
+                      drop_remainder=False, labels=True)
+        images, labels = labelled_epoch(create_dataset(data.name, data.root, **kwargs))
+        assert len(images) == {"train": 4000, "test": 1000}[split]
+        expected_images, expected_labels = labelled_epoch(create_dataset("mnist", MNIST5K, **kwargs))
+        np.testing.assert_array_equal(images, expected_images)
+        np.testing.assert_array_equal(labels, expected_labels)
+    # unpacked once into the cache, byte for byte the IDX files of mnist5k, no staging folder left
+    (folder,) = user_cache.iterdir()
+    assert folder.name.startswith("mnist5k-") and sorted(os.listdir(folder)) == sorted(IDX_FILES)
+    for name in IDX_FILES:
+        assert (folder / name).read_bytes() == (MNIST5K / name).read_bytes(), name
+    packed = sorted(p.name for p in (REPO / "ms_ddpm" / "data" / "mnist5k").iterdir())
+    assert packed == sorted([f + ".gz" for f in IDX_FILES] + ["README.md"])
+
+
+def test_carried_digits_unpack_once_and_a_damaged_copy_is_replaced(user_cache, monkeypatch):
+    root = embedded.embedded_mnist_root()
+    assert os.path.dirname(root) == str(user_cache) and os.listdir(user_cache) == [os.path.basename(root)]
+    train = os.path.join(root, "train-images-idx3-ubyte")
+    before = os.stat(train).st_mtime_ns
+    assert embedded.embedded_mnist_root() == root and os.stat(train).st_mtime_ns == before  # not unpacked again
+    with open(train, "r+b") as f:  # truncated: replaced as a whole on the next call
+        f.truncate(1000)
+    assert embedded.embedded_mnist_root() == root
+    assert os.path.getsize(train) == 16 + 4000 * 28 * 28 and os.listdir(user_cache) == [os.path.basename(root)]
+    images = epoch(create_dataset("mnist", split="test", batch_size=500, shuffle=False))
+    assert images.shape == (1000, 1, 28, 28) and images.min() == -1.0 and images.max() == 1.0
+
+    monkeypatch.setenv("XDG_CACHE_HOME", train)  # a file: no folder can be made below it
+    with pytest.raises(ValueError, match=r"cannot unpack the MNIST digits .*set XDG_CACHE_HOME .*or data\.root"):
+        create_dataset("mnist")
+
+
+def test_root_none_is_an_error_for_the_other_data_sets():
+    for name, title in (("fashion_mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10")):
+        with pytest.raises(ValueError, match=rf"no root given for {title}.*data\.root.*data\.download: true"):
+            create_dataset(name)
+    with pytest.raises(ValueError, match=r"no root given for dataset 'folder': set root \(data\.root\)"):
+        create_dataset("folder")
+    with pytest.raises(ValueError, match=r"no root given for dataset 'folder'"):
+        class_names("folder")
+    with pytest.raises(ValueError, match=r"download=True \(data\.download\) needs root.*package carries"):
+        create_dataset("mnist", download=True)
+    with pytest.raises(ValueError, match=r"needs root \(data\.root\): the folder to fetch the full cifar10"):
+        fetch.download_dataset("cifar10", None)
+
+
 # ------------------------------------------------------------------------------------------- synthetic files
 
 
@@ -179,8 +283,52 @@ def test_fashion_mnist_idx_round_trips_exactly(tmp_path):
     assert images[0, 0, 0, 0] == -1.0 and images[1, 0, 0, 0] == 1.0
     test_images = epoch(create_dataset("fashion_mnist", tmp_path, split="test", batch_size=3, shuffle=False))
     np.testing.assert_array_equal(test_images[:, 0], scaled(test))
+    _, test_labels = labelled_epoch(
+        create_dataset("fashion_mnist", tmp_path, split="test", batch_size=3, shuffle=False, labels=True)
+    )
+    np.testing.assert_array_equal(test_labels, np.arange(6) % 10)  # write_idx's labels
+    assert class_names("fashion_mnist") == [
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+    ]
     rgb = epoch(create_dataset("fashion_mnist", tmp_path, split="test", batch_size=6, shuffle=False, channels=3))
     np.testing.assert_array_equal(rgb, np.repeat(scaled(test)[:, None], 3, axis=1))
+
+
+def test_every_pixel_value_maps_to_the_nearest_float32_of_its_exact_scaling(tmp_path):
+    """(x - 127.5) / 127.5 is exact before its one rounding: 0 -> -1 and 255 -> 1 exactly, and every value the
+    float32 nearest to the exact one, on each path (MNIST IDX, grayscale to RGB, CIFAR-10 RGB to gray, a folder)."""
+    values = np.resize(np.arange(256, dtype=np.uint8), (1, 28, 28))  # every value, some twice
+    exact = ((values.astype(np.float64) - 127.5) / 127.5).astype(np.float32)
+    assert exact.min() == -1.0 and exact.max() == 1.0
+    np.testing.assert_array_equal(to_model_input(values[..., None])[0], exact)  # the NumPy twin, bit for bit
+    write_idx(tmp_path / "idx", "train", values)
+    gray = epoch(create_dataset("mnist", tmp_path / "idx", batch_size=1))
+    np.testing.assert_array_equal(gray[0], exact)
+    rgb = epoch(create_dataset("mnist", tmp_path / "idx", channels=3, batch_size=1))
+    np.testing.assert_array_equal(rgb[0], np.repeat(exact, 3, axis=0))
+    # a CIFAR-10 record whose three planes are equal: its luma is the plane itself, through RGB2GRAY and back
+    plane = np.resize(np.arange(256, dtype=np.uint8), (32, 32))
+    record = np.concatenate([[3], np.tile(plane.reshape(-1), 3)]).astype(np.uint8).tobytes()
+    write_cifar_file(tmp_path / "cifar" / "test_batch.bin", record)
+    luma = create_dataset("cifar10", tmp_path / "cifar", split="test", image_size=32, channels=1, batch_size=1,
+                          shuffle=False)
+    (first,) = next(luma.create_tuple_iterator(output_numpy=True, num_epochs=1))
+    assert first.shape == (1, 1, 32, 32)
+    np.testing.assert_array_equal(first[0, 0], ((plane.astype(np.float64) - 127.5) / 127.5).astype(np.float32))
+    (tmp_path / "png").mkdir()
+    Image.fromarray(values[0]).save(tmp_path / "png" / "ramp.png")
+    folder = epoch(create_dataset("folder", tmp_path / "png", image_size=28, channels=1, batch_size=1))
+    np.testing.assert_array_equal(folder[0], exact)
+
+
+def test_worker_counts_default_to_the_usable_cores_and_are_capped():
+    assert default_workers() == max(1, min(8, len(os.sched_getaffinity(0)) - 1))
+    folder = MNIST5K if MNIST5K.is_dir() else None
+    plain = epoch(create_dataset("mnist", folder, split="test", batch_size=100, shuffle=False, num_parallel_workers=1))
+    for workers in (None, os.cpu_count() + 3):  # MindSpore itself refuses more workers than cores
+        dataset = create_dataset("mnist", folder, split="test", batch_size=100, shuffle=False,
+                                 num_parallel_workers=workers)
+        np.testing.assert_array_equal(epoch(dataset), plain)
 
 
 def test_cifar10_binary_round_trips_exactly(tmp_path):
@@ -194,6 +342,14 @@ def test_cifar10_binary_round_trips_exactly(tmp_path):
     (first,) = next(dataset.create_tuple_iterator(output_numpy=True, num_epochs=1))
     assert first.shape == (8, 3, 32, 32) and first.dtype == np.float32
     np.testing.assert_array_equal(first, scaled(pixels.transpose(0, 3, 1, 2)))
+    labelled = create_dataset("cifar10", tmp_path, split="test", image_size=32, batch_size=8, shuffle=False, labels=True)
+    images, labels = next(labelled.create_tuple_iterator(output_numpy=True, num_epochs=1))
+    np.testing.assert_array_equal(images, first)
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, np.frombuffer(records, np.uint8)[::CIFAR_RECORD])  # each record's first byte
+    assert class_names("cifar10") == [
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
+    ]
 
     gray = create_dataset("cifar10", tmp_path, split="test", image_size=32, channels=1, batch_size=8, shuffle=False)
     (first,) = next(gray.create_tuple_iterator(output_numpy=True, num_epochs=1))
@@ -266,6 +422,93 @@ def test_folder_of_images_is_resized_cropped_and_converted(tmp_path):
     ]
     assert [len(s) for s in shards] == [3, 3]
     assert set(hashes(np.concatenate(shards))) == set(hashes(images))
+
+
+def test_folder_sub_folders_are_the_classes(tmp_path):
+    make_png_folder(tmp_path / "loose")
+    # no class sub-folders but "sub": fewer than two classes, and images outside them
+    assert class_names("folder", tmp_path / "loose") == ["sub"]
+    with pytest.raises(ValueError, match=r"has 1 class sub-folder\(s\) \['sub'\]; labels need at least 2"):
+        create_dataset("folder", tmp_path / "loose", labels=True)
+    (tmp_path / "one" / "cats").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "one" / "cats" / "c.png")
+    with pytest.raises(ValueError, match=r"has 1 class sub-folder.*put each class's images in its own sub-folder"):
+        create_dataset("folder", tmp_path / "one", labels=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "loose" / "sub2.png")
+    (tmp_path / "loose" / "more").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "loose" / "more" / "m.png")
+    with pytest.raises(ValueError, match=r"4 image\(s\) lie directly in .*outside the class sub-folders \['more', 'sub'\]"):
+        create_dataset("folder", tmp_path / "loose", labels=True)
+    (tmp_path / "no_images" / "inner").mkdir(parents=True)
+    assert class_names("folder", tmp_path / "no_images") == []
+    with pytest.raises(FileNotFoundError, match="image folder .* does not exist"):
+        class_names("folder", tmp_path / "nope")
+
+    # two classes; nested folders belong to their top sub-folder, folders without images are no class
+    root = tmp_path / "classes"
+    colours = {"zebra": [(10, 10, 10), (20, 20, 20)], "ant": [(30, 30, 30)], "bee": [(40, 40, 40), (50, 50, 50)]}
+    for name, values in colours.items():
+        for i, value in enumerate(values):
+            folder = root / name / ("deep" if i else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(folder / f"{i}.png")
+    (root / "empty" / "inner").mkdir(parents=True)
+    (root / "ant" / "readme.txt").write_text("not an image")
+    assert class_names("folder", root) == ["ant", "bee", "zebra"]
+    images, labels = labelled_epoch(create_dataset("folder", root, image_size=8, batch_size=5, shuffle=False, labels=True))
+    # sorted paths: ant/0, bee/0, bee/deep/1, zebra/0, zebra/deep/1
+    np.testing.assert_array_equal(labels, [0, 1, 1, 2, 2])
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(images[:, 0, 0, 0], scaled(np.array([30, 40, 50, 10, 20], np.uint8)))
+    kwargs = dict(image_size=8, batch_size=2, seed=3, num_shards=2, shard_id=1, num_parallel_workers=2)
+    images, labels = labelled_epoch(create_dataset("folder", root, labels=True, **kwargs))
+    np.testing.assert_array_equal(images, epoch(create_dataset("folder", root, **kwargs)))
+    label_of = {30: 0, 40: 1, 50: 1, 10: 2, 20: 2}
+    np.testing.assert_array_equal(labels, [label_of[v] for v in np.round((images[:, 0, 0, 0] + 1) * 127.5)])
+
+
+def write_corrupt_folder(root):
+    """Three good 8x8 PNGs and one file that ends after its PNG header: the pipeline fails at the first batch."""
+    root.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
+    (root / "3_broken.png").write_bytes((root / "0.png").read_bytes()[:40])
+    return root / "3_broken.png"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unreadable_image_is_recovered_from_the_pipeline_error(tmp_path, workers):
+    broken = write_corrupt_folder(tmp_path / "images")
+    dataset = create_dataset("folder", tmp_path / "images", image_size=8, batch_size=4, num_parallel_workers=workers)
+    with pytest.raises(RuntimeError) as err:  # what MindSpore's engine raises, with a traceback in the message
+        epoch(dataset)
+    assert "Traceback" in str(err.value)
+    found = pipeline_error(err.value)
+    assert isinstance(found, ImageReadError) and isinstance(found, ValueError)
+    assert str(found).startswith(f"cannot read image {str(broken)!r}: ") and "\n" not in str(found)
+    assert str(found).endswith("delete or replace that file")
+    assert pipeline_error(RuntimeError("some other failure")) is None
+
+
+def test_unreadable_image_ends_the_cli_with_one_line_and_status_2(tmp_path):
+    broken = write_corrupt_folder(tmp_path / "images")
+    config = {
+        "model": {"name": "unet", "kwargs": {"dim": 8, "dim_mults": [1, 2], "channels": 3, "heads": 1, "dim_head": 8}},
+        "diffusion": {"num_timesteps": 10},
+        "data": {"name": "folder", "root": str(tmp_path / "images"), "image_size": 8, "channels": 3},
+        "train": {"output_dir": str(tmp_path / "run"), "batch_size": 4, "steps": 2, "warmup_steps": 0,
+                  "sample_every": 0, "sample_steps": 5, "save_every": 2, "mode": "pynative"},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "ms_ddpm.cli", "train", "--config", str(tmp_path / "config.yaml")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # stderr also holds the progress bar (drawn without a newline) and MindSpore's warnings
+    stderr = re.sub(r"train: [^\r\n]*?\]", "", proc.stderr)
+    lines = [line for line in re.split(r"[\r\n]+", stderr) if line.strip() and "WARNING" not in line]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, lines
+    assert lines[0].startswith(f"ms-ddpm train: error: cannot read image {str(broken)!r}: "), lines
+    assert lines[0].endswith("delete or replace that file"), lines
 
 
 # ------------------------------------------------------------------------------------------------------ download
@@ -465,4 +708,7 @@ def test_mismatched_idx_files_are_reported(tmp_path):
         create_dataset("mnist", tmp_path, batch_size=1)
     (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_bytes(images=np.zeros((3, 28, 28), np.uint8))[:-5])
     with pytest.raises(ValueError, match=r"idx3-ubyte: 2363 bytes, but its header \(3, 28, 28\) needs 2368"):
+        create_dataset("mnist", tmp_path, batch_size=1)
+    write_idx(tmp_path, "train", np.zeros((3, 16, 16), np.uint8))  # MnistDataset would fail at the first batch
+    with pytest.raises(ValueError, match=r"16x16 images, but MindSpore's MnistDataset reads 28x28 ones only"):
         create_dataset("mnist", tmp_path, batch_size=1)

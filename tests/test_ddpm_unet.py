@@ -96,6 +96,48 @@ def test_matches_diffusers(reference, converted_net, mode):
     assert_matches(out, reference["out"])
 
 
+@pytest.fixture(scope="module")
+def class_reference():
+    """The tiny UNet2DModel with a class embedding of 10 rows (diffusers' num_class_embeds, class_embed_type None),
+    randomly initialised, its state dict, a labelled input batch and its output."""
+    torch = pytest.importorskip("torch", reason="torch is needed for the diffusers reference")
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is needed for the reference UNet2DModel")
+    torch.manual_seed(1)
+    model = diffusers.UNet2DModel(**TINY_DIFFUSERS_CONFIG, num_class_embeds=10).eval()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    t = np.array([5, 500, 990], dtype=np.int64)
+    labels = np.array([3, 9, 0], dtype=np.int32)
+    with torch.no_grad():
+        out = model(torch.from_numpy(x), torch.from_numpy(t), class_labels=torch.from_numpy(labels).long()).sample
+        other = model(torch.from_numpy(x), torch.from_numpy(t), class_labels=torch.tensor([4, 1, 7])).sample
+    assert np.abs(out.numpy() - other.numpy()).max() > 1e-3  # the labels matter, so the comparison can fail
+    state_dict = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return dict(state_dict=state_dict, x=x, t=t, labels=labels, out=out.numpy())
+
+
+@pytest.fixture(scope="module")
+def converted_class_net(class_reference):
+    net = load_diffusers_weights(DDPMUNet(**TINY_KWARGS, num_class_embeds=10), class_reference["state_dict"])
+    net.set_train(False)
+    return net
+
+
+def test_class_conditional_matches_diffusers(class_reference, converted_class_net, mode):
+    ref = class_reference
+    out = converted_class_net(ms.Tensor(ref["x"]), ms.Tensor(ref["t"]), ms.Tensor(ref["labels"])).asnumpy()
+    assert_matches(out, ref["out"])
+
+
+def test_class_conditioning_is_required_or_refused(converted_class_net, random_net):
+    x, t = ms.Tensor(np.zeros((1, 3, 8, 8), np.float32)), ms.Tensor(np.array([1], np.int64))
+    with pytest.raises(ValueError, match="class-conditional .*pass cond"):
+        converted_class_net(x, t)
+    with pytest.raises(ValueError, match="unconditional .*takes no class labels"):
+        random_net(x, t, ms.Tensor(np.array([1], np.int32)))
+    assert converted_class_net.num_class_embeds == 10 and random_net.num_class_embeds is None
+
+
 def test_legacy_attention_names_convert_identically(reference):
     current = reference["state_dict"]
     legacy = legacy_attention_names(current)
@@ -140,12 +182,18 @@ def test_converter_maps_paper_config():
                           attn_resolutions=(16,), image_size=32, dropout=0.0, num_groups=32, eps=1e-6)
 
 
+def test_converter_maps_a_class_conditional_config():
+    config = {**PAPER_DIFFUSERS_CONFIG, "num_class_embeds": 11, "class_embed_type": None}
+    assert load_script("convert_diffusers_unet").ddpm_unet_kwargs(config)["num_class_embeds"] == 11
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(flip_sin_to_cos=True), "flip_sin_to_cos"),
     (dict(downsample_padding=1), "downsample_padding"),
     (dict(attention_head_dim=8), "single-head"),
     (dict(up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D")), "mirrors"),
     (dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D")), "unsupported"),
+    (dict(num_class_embeds=10, class_embed_type="timestep"), "class_embed_type"),
 ])
 def test_converter_refuses_unrepresentable_config(change, message):
     converter = load_script("convert_diffusers_unet")

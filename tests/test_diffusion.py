@@ -3,7 +3,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from ms_ddpm.diffusion import GaussianDiffusion, predict_eps, predict_x0
+from ms_ddpm.processes import GaussianDiffusion, predict_eps, predict_x0
 from ms_ddpm.losses import DiffusionLoss, timestep_weights
 from ms_ddpm.schedules import get_beta_schedule
 from tests.helpers import import_torch_reference

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ms_ddpm.data import create_dataset
-from ms_ddpm.train.checkpoint import load_checkpoint
+from ms_ddpm.checkpoint import load_checkpoint
 from ms_ddpm.train.trainer import Trainer
 from tests.test_trainer import tiny_config
 

@@ -12,7 +12,7 @@ import pytest
 
 from ms_ddpm.cli import main as cli_main
 from ms_ddpm.metrics.features import MNISTClassifier, load_feature_extractor, save_feature_extractor
-from ms_ddpm.train.checkpoint import CheckpointError
+from ms_ddpm.checkpoint import CheckpointError
 from tests.helpers import MNIST5K
 from tests.test_trainer import tiny_config
 

@@ -9,7 +9,7 @@ import pytest
 from scipy import linalg
 from scipy.stats import norm
 
-from ms_ddpm.diffusion import GaussianDiffusion
+from ms_ddpm.processes import GaussianDiffusion
 from ms_ddpm.metrics import (calc_bpd_loop, discretized_gaussian_log_likelihood, feature_statistics, frechet_distance,
                              kernel_distance, prior_bpd, vb_terms_bpd)
 from ms_ddpm.schedules import get_beta_schedule

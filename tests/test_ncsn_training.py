@@ -12,8 +12,11 @@ import pytest
 
 from ms_ddpm.cli import main as cli_main
 from ms_ddpm.config import Config, ConfigError
-from ms_ddpm.samplers import NCSN_SAMPLERS, VESDE, AnnealedLangevinSampler, NCSNLoss, geometric_sigmas
-from ms_ddpm.train.trainer import Trainer, build_diffusion, build_sampler, load_trained_model
+from ms_ddpm.losses import NCSNLoss
+from ms_ddpm.pipeline import DiffusionPipeline, build_sampler
+from ms_ddpm.processes import VESDE, create_process, geometric_sigmas
+from ms_ddpm.samplers import NCSN_SAMPLERS, AnnealedLangevinSampler
+from ms_ddpm.train.trainer import Trainer
 from tests.helpers import MNIST5K
 
 # 4,581 parameters: one U-Net level at width 4
@@ -95,8 +98,9 @@ def run_cli(capsys, *argv):
 def test_cli_samples_an_ncsn_checkpoint(graph_run, tmp_path, capsys):
     _, out = graph_run
     ckpt = out / f"ckpt_{STEPS:08d}.ckpt"
-    cfg, _, process, step, kind = load_trained_model(ckpt, mode="pynative")
-    assert cfg.diffusion.process == "ncsn" and step == STEPS and kind == "ema"
+    pipe = DiffusionPipeline.from_checkpoint(ckpt, mode="pynative")
+    cfg, process = pipe.config, pipe.process
+    assert cfg.diffusion.process == "ncsn" and pipe.checkpoint_step == STEPS and pipe.weights == "ema"
     assert isinstance(process, VESDE) and np.allclose(process.sigmas, geometric_sigmas(2.0, 0.02, 10))
 
     code, stdout, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--steps", 2, "--num", 3, "--mode", "pynative",
@@ -173,9 +177,9 @@ def test_bad_ncsn_configs_name_the_fix(tmp_path, capsys):
 
 def test_ncsn_samplers_are_built_on_the_checkpoint_levels():
     cfg = Config.from_dict({"diffusion": {"process": "ncsn", "num_noise_levels": 4, "langevin_step_lr": 1e-4}})
-    process = build_diffusion(cfg)
+    process = create_process(cfg.diffusion)
     np.testing.assert_allclose(process.sigmas, geometric_sigmas(2.0, 0.02, 4), rtol=1e-12)
     for name in NCSN_SAMPLERS:
-        sampler = build_sampler(cfg, name, process)
+        sampler = build_sampler(cfg, process, name)
         assert sampler.num_train_timesteps == 4 and sampler.init_noise_sigma == 2.0, name
-    assert build_sampler(cfg, "ald", process).step_lr == 1e-4
+    assert build_sampler(cfg, process, "ald").step_lr == 1e-4

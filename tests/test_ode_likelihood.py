@@ -19,10 +19,9 @@ import pytest
 from mindspore import ops
 from scipy.stats import multivariate_normal
 
-from ms_ddpm.diffusion import GaussianDiffusion
+from ms_ddpm.processes import VESDE, VPSDE, GaussianDiffusion, SubVPSDE
 from ms_ddpm.metrics.likelihood import log_snr_levels, ode_bpd
 from ms_ddpm.models.unet import Unet
-from ms_ddpm.samplers import VESDE, VPSDE, SubVPSDE
 from ms_ddpm.schedules import get_beta_schedule
 
 T = 1000
@@ -36,7 +35,7 @@ class AffineModel:
     MindSpore ops, so that autodiff (and graph mode) goes through it."""
 
     def __init__(self, sde, mu, cov, output):
-        m, s = np.array([sde.marginal(n) for n in range(sde.N)]).T
+        m, s = np.array([sde.marginal(n) for n in range(sde.num_timesteps)]).T
         d = len(mu)
         inverse = np.linalg.inv(m[:, None, None] ** 2 * cov + s[:, None, None] ** 2 * np.eye(d))
         scale = s if output == "eps" else -np.ones_like(s)

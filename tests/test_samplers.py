@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from ms_ddpm.diffusion import GaussianDiffusion
+from ms_ddpm.processes import GaussianDiffusion
 from ms_ddpm.samplers import DDIMSampler, DDPMSampler, create_sampler, spaced_timesteps
 from ms_ddpm.samplers.base import FusedStep
 from ms_ddpm.schedules import get_beta_schedule

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ms_ddpm.diffusion import GaussianDiffusion
+from ms_ddpm.processes import GaussianDiffusion
 from ms_ddpm.schedules import SCHEDULES, cosine_beta_schedule, get_beta_schedule
 from tests.helpers import import_torch_reference
 

@@ -13,10 +13,10 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from ms_ddpm.diffusion import GaussianDiffusion
-from ms_ddpm.samplers import (VESDE, VPSDE, AnnealedLangevinSampler, DPMSolverSampler, EulerMaruyamaSampler,
-                              NCSNLoss, PredictorCorrectorSampler, ProbabilityFlowSampler, SubVPSDE, create_sampler,
-                              geometric_sigmas)
+from ms_ddpm.losses import NCSNLoss
+from ms_ddpm.processes import VESDE, VPSDE, GaussianDiffusion, SubVPSDE, geometric_sigmas
+from ms_ddpm.samplers import (AnnealedLangevinSampler, DPMSolverSampler, EulerMaruyamaSampler, PredictorCorrectorSampler,
+                              ProbabilityFlowSampler, create_sampler)
 from ms_ddpm.samplers.dpm_solver import dpm_solver_timesteps
 from ms_ddpm.schedules import get_beta_schedule
 from tests.helpers import import_torch_reference

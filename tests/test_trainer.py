@@ -15,11 +15,11 @@ from mindspore import amp, nn
 
 from ms_ddpm.cli import main as cli_main
 from ms_ddpm.config import Config, ConfigError
-from ms_ddpm.diffusion import GaussianDiffusion
+from ms_ddpm.processes import GaussianDiffusion
 from ms_ddpm.losses import DiffusionLoss
 from ms_ddpm.models.unet import Unet
 from ms_ddpm.schedules import get_beta_schedule
-from ms_ddpm.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from ms_ddpm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from ms_ddpm.train.ema import EMA
 from ms_ddpm.train.lr_schedule import warmup_cosine_lr
 from ms_ddpm.train.step import TrainStep
@@ -167,7 +167,7 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path):
 KILLER = """
 import sys
 import mindspore as ms, numpy as np
-from ms_ddpm.train.checkpoint import save_checkpoint
+from ms_ddpm.checkpoint import save_checkpoint
 params = [ms.Parameter(ms.Tensor(np.full((512, 512), i, np.float32)), name=f"w{i}") for i in range(24)]
 step = 0
 while True:
@@ -280,8 +280,9 @@ def test_config_errors_name_the_fix(tmp_path):
                          ids=lambda p: p.name)
 def test_shipped_configs_load_and_build(path):
     cfg = Config.load(path)
-    from ms_ddpm.train.trainer import build_diffusion, build_model
+    from ms_ddpm.models import create_model
+    from ms_ddpm.processes import create_process
 
-    build_diffusion(cfg)
+    create_process(cfg.diffusion)
     if cfg.model.name == "unet":  # the paper network is built by its own tests
-        assert sum(p.size for p in build_model(cfg).trainable_params()) > 0
+        assert sum(p.size for p in create_model(cfg.model.name, **cfg.model.kwargs).trainable_params()) > 0

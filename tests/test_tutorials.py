@@ -1,8 +1,9 @@
 """The tutorial notebooks run top to bottom with the small settings and are committed without outputs.
 
-The notebooks run in order (01 .. 06) in their own folder, as a reader runs them: 03 trains the model whose
-checkpoint 04 and 05 load (each trains it itself when run alone). Their files go to tutorials/outputs/small/,
-which git ignores. The kernel is this interpreter (sys.executable), declared in a kernelspec in a temporary
+The notebooks run in order (01 .. 07) in their own folder, as a reader runs them: 03 trains the model whose
+checkpoint 04 and 05 load (each trains it itself when run alone); 07 trains a class-conditional model of its own.
+They read the digits the package carries (MS_DDPM_DATA unset). Their files go to tutorials/outputs/small/, which git
+ignores. The kernel is this interpreter (sys.executable), declared in a kernelspec in a temporary
 folder, so nothing is installed into the user's Jupyter setup.
 """
 import json
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers import MNIST5K
@@ -29,6 +31,7 @@ EXPECTED_FILES = {
     "03_training.ipynb": ["train/train_log.jsonl", "train/config.yaml", "train/ckpt_*.ckpt"],
     "04_sampling.ipynb": ["denoising.gif"],
     "05_score_sde_samplers.ipynb": ["frechet_pixels.json"],
+    "07_conditional_guidance.ipynb": ["cond_train/ckpt_*.ckpt", "guidance/fd_accuracy.json"],
 }
 EXPECTED_TEXT = {
     "02_unet.ipynb": ["35,746,307"],
@@ -38,7 +41,7 @@ EXPECTED_TEXT = {
 
 
 def test_the_notebooks_are_found():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -83,12 +86,10 @@ def run_notebook(path, cwd, kernel_dir, monkeypatch, **env_vars):
     """Execute the notebook at `path` in a fresh kernel with the small settings; returns it with its outputs."""
     nbclient = pytest.importorskip("nbclient", reason="running the tutorials needs nbclient: pip install -e '.[dev]'")
     pytest.importorskip("ipykernel", reason="running the tutorials needs ipykernel: pip install -e '.[dev]'")
-    if not MNIST5K.is_dir():
-        pytest.skip(f"the mnist5k data set is not at {MNIST5K}")
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))  # read when the client builds its kernel manager
     env = dict(os.environ, MS_DDPM_TUTORIAL_SMALL="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("MS_DDPM_DATA", None)  # default: the notebooks' ../../shared/data/mnist5k, which is MNIST5K
+    env.pop("MS_DDPM_DATA", None)  # default: the digits the package carries
     env.update(env_vars)
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name=KERNEL_NAME,
@@ -114,6 +115,10 @@ def test_notebook_runs_with_small_settings(path, kernel_dir, monkeypatch):
     if path.name == "05_score_sde_samplers.ipynb":
         table = json.loads((SMALL_OUT / "frechet_pixels.json").read_text())
         assert table["train vs test (floor)"] < table["Gaussian noise"]
+    if path.name == "07_conditional_guidance.ipynb":
+        table = json.loads((SMALL_OUT / "guidance" / "fd_accuracy.json").read_text())
+        assert set(table) == {"1", "2", "4"}
+        assert all(np.isfinite(v["fd"]) and 0 <= v["class_accuracy"] <= 1 for v in table.values())
 
 
 @pytest.mark.slow
@@ -121,6 +126,8 @@ def test_notebook_runs_with_small_settings(path, kernel_dir, monkeypatch):
 def test_notebook_trains_the_model_itself_without_the_checkpoint_of_03(name, tmp_path, kernel_dir, monkeypatch):
     """Run alone, in an empty folder (a copy of the notebook, the data given by MS_DDPM_DATA), 04 and 05 train the
     model of 03 first."""
+    if not MNIST5K.is_dir():
+        pytest.skip(f"the mnist5k data set is not at {MNIST5K}")
     folder = tmp_path / "tutorials"
     folder.mkdir()
     shutil.copy(TUTORIALS / name, folder / name)

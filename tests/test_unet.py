@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from ms_ddpm.diffusion import GaussianDiffusion
+from ms_ddpm.processes import GaussianDiffusion
 from ms_ddpm.losses import DiffusionLoss
 from ms_ddpm.models.normalization import GroupNorm
 from ms_ddpm.models.unet import Softmax, Unet, WeightStandardization

@@ -4,7 +4,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from ms_ddpm.diffusion import GaussianDiffusion
+from ms_ddpm.processes import GaussianDiffusion
 from ms_ddpm.losses import DiffusionLoss
 from ms_ddpm.models.unet import Unet
 from ms_ddpm.schedules import get_beta_schedule

@@ -1,16 +1,27 @@
 """Image datasets as batched `mindspore.dataset` pipelines of float32 (B, C, H, W) images in [-1, 1].
 
-Every pipeline has one column, "image"; labels are dropped (unconditional generation). Per image:
+Every pipeline has the column "image", and with `labels=True` also "label" (int32 class indices, see
+`class_names`). Per image:
 
     read  ->  resize (shorter side to image_size)  ->  centre crop image_size x image_size
-          ->  random horizontal flip (optional)  ->  1 or 3 channels  ->  batch  ->  HWC -> CHW, x / 127.5 - 1
+          ->  1 or 3 channels  ->  random horizontal flip (optional)  ->  (x - 127.5) / 127.5  ->  HWC -> CHW
+          ->  batch
+
+Everything after "read" is MindSpore's C++ operations, run per image by `num_parallel_workers` threads outside
+the GIL; MNIST, Fashion-MNIST and CIFAR-10 are also read in C++. Folders of images are decoded and resized with
+PIL in Python (`load_image`), in worker processes when num_parallel_workers > 1: two threads serialise on the
+GIL and ran 3-4x slower than one (`scripts/data_throughput.py`); a process costs about a third more CPU per
+image than the in-process thread (passing images back through shared memory), so processes pay off where
+cores are spare, which is why `default_workers()` leaves one core to the training loop.
 
 Choices and why:
     * [-1, 1] scaling: Ho et al. 2020 (DDPM), Sec. 3.3: "We assume that image data consists of integers in
       {0, 1, ..., 255} scaled linearly to [-1, 1]", which is the range the reverse process starts from (x_T ~ N(0, I))
-      and that `GaussianDiffusion(clip_denoised=True)` clips to. The scaling is done on the uint8 batch in NumPy
-      (float32 x / 127.5 - 1), so 0 and 255 map to exactly -1 and 1; MindSpore's Rescale(1 / 127.5, -1) gives
-      1.0000001 for 255 because 1 / 127.5 is not exact in float32.
+      and that `GaussianDiffusion(clip_denoised=True)` clips to. The scaling is MindSpore's
+      Normalize(mean=127.5, std=127.5): (x - 127.5) / 127.5, in which x - 127.5 is exact in float32, so each
+      value is the float32 nearest to the exact one and 0 and 255 map to exactly -1 and 1. Rescale(1 / 127.5, -1)
+      was rejected: it gives 1.0000001 for 255, because 1 / 127.5 is not exact in float32. `to_model_input` is
+      the same mapping in NumPy, bit for bit, for arrays read outside a pipeline.
     * Random horizontal flip is the only augmentation DDPM used (on CIFAR-10, Appendix B); it is off by default
       because it is wrong for digits and text.
     * Resizing: the fixed-size datasets (MNIST, Fashion-MNIST 28x28, CIFAR-10 32x32) are left untouched at their
@@ -32,25 +43,39 @@ number of steps.
 Reading a pipeline:
     for (x,) in dataset.create_tuple_iterator(num_epochs=1):          # x: ms.Tensor, float32, (B, C, H, W)
         loss = train_step(x)
+    for x, y in create_dataset(..., labels=True).create_tuple_iterator(num_epochs=1):   # y: int32, (B,)
+        loss = train_step(x, y)
     for row in dataset.create_dict_iterator(output_numpy=True, num_epochs=1):
         row["image"]                                                   # np.ndarray, float32, (B, C, H, W)
 The pipeline runs on the host, so it feeds a network the same way in PyNative and graph mode; `Model.train` can
 take it directly (its only column becomes the network's only input).
 """
 import os
+import re
 
+import mindspore as ms
 import mindspore.dataset as ds
 import numpy as np
-from mindspore.dataset import vision
+from mindspore.dataset import transforms, vision
 from PIL import Image
 
 from ..utils import check_choice
+from .embedded import embedded_mnist_root
 from .fetch import download_dataset
-from .formats import CIFAR10_ARCHIVE_FOLDER, FILES, SPLITS, file_problems, native_image_size
+from .formats import CIFAR10_ARCHIVE_FOLDER, FILES, NATIVE_IMAGE_SIZE, SPLITS, file_problems
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
+CLASS_NAMES = {
+    "mnist": tuple(str(digit) for digit in range(10)),
+    # Xiao, Rasul & Vollgraf 2017, Table 1
+    "fashion_mnist": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ),
+    # batches.meta.txt of cifar-10-binary.tar.gz
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
 _TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 (binary version)"}
 # Channels as stored on disk; for "folder" the reader converts to the requested number itself.
 _STORED_CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3}
@@ -104,6 +129,21 @@ def _missing_data_error(name, root, split, problems):
     )
 
 
+def _resolve_root(name, root):
+    """`root` as a str; for root=None the MNIST digits the package carries (see ms_ddpm/data/mnist5k/README.md) for
+    "mnist", while the other data sets have no default folder, which is a ValueError saying what to set."""
+    if root is not None:
+        return os.fspath(root)
+    if name == "mnist":
+        return embedded_mnist_root()
+    if name == "folder":
+        raise ValueError("no root given for dataset 'folder': set root (data.root) to a folder of images")
+    raise ValueError(
+        f"no root given for {_TITLES[name]}: set root (data.root) to the folder holding its files, or to the folder "
+        f"to fetch them into with download=True (data.download: true)"
+    )
+
+
 def _resolve_cifar10_root(root, split):
     """`root`, or root/cifar-10-batches-bin when root is the folder the official archive was extracted in."""
     nested = os.path.join(root, CIFAR10_ARCHIVE_FOLDER)
@@ -111,6 +151,22 @@ def _resolve_cifar10_root(root, split):
         if not file_problems("cifar10", nested, (split,)):
             return nested
     return root
+
+
+class ImageReadError(ValueError):
+    """An image file of a folder dataset that cannot be decoded; the message names the file."""
+
+
+def pipeline_error(err):
+    """The ImageReadError behind `err`, or None.
+
+    An exception raised by a pipeline's Python source reaches the loop that iterates the pipeline as a
+    RuntimeError from MindSpore's C++ engine whose message holds the source's traceback as text (the original
+    exception is not chained), so a user-facing error is recovered from that text: the last line that
+    ImageReadError wrote.
+    """
+    found = re.findall(r"ImageReadError: (cannot read image .*)", str(err))
+    return ImageReadError(found[-1]) if found else None
 
 
 def list_images(root):
@@ -131,7 +187,7 @@ def load_image(path, image_size, channels):
         with Image.open(path) as img:
             img.load()
     except Exception as err:  # PIL raises several types for unreadable files
-        raise ValueError(f"cannot read image {path!r}: {err}") from None
+        raise ImageReadError(f"cannot read image {path!r}: {err}; delete or replace that file") from None
     if img.mode in ("I", "I;16", "I;16B", "I;16L"):
         # 16-bit grayscale (e.g. some PNGs): convert("L") would clip at 255 instead of rescaling.
         img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) / 257.0 + 0.5, 0, 255).astype(np.uint8))
@@ -146,31 +202,93 @@ def load_image(path, image_size, channels):
     return np.ascontiguousarray(arr.reshape(image_size, image_size, channels))
 
 
-class ImageFiles:
-    """Random-access source for `GeneratorDataset`: item i is (load_image(paths[i]),), uint8 (H, W, C)."""
+def _top_folder(root, path):
+    """The first path component of `path` below `root`: its class sub-folder, or its own name if it lies in root."""
+    return os.path.relpath(path, root).split(os.sep)[0]
 
-    def __init__(self, paths, image_size, channels):
+
+def _folder_classes(root, paths):
+    """Sorted names of the immediate sub-folders of `root` that hold at least one of `paths` (at any depth)."""
+    return sorted({top for top in (_top_folder(root, p) for p in paths) if os.path.isdir(os.path.join(root, top))})
+
+
+def class_names(name, root=None):
+    """The class names of dataset `name` in label order: label i of a batch is class_names(name, root)[i].
+
+    MNIST: the digits "0" .. "9". Fashion-MNIST: Zalando's ten article names (Xiao, Rasul & Vollgraf 2017, Table 1).
+    CIFAR-10: the ten names of the binary version's batches.meta.txt. These three ignore `root`. "folder": the
+    sorted names of the sub-folders of `root` that hold images (the first path component below root, as
+    torchvision's ImageFolder); images lying directly in root belong to no class, so a folder without class
+    sub-folders gives [].
+    """
+    check_choice("dataset", name, DATASETS)
+    if name != "folder":
+        return list(CLASS_NAMES[name])
+    root = _resolve_root(name, root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist; give the path to a folder of images")
+    return _folder_classes(root, list_images(root))
+
+
+def _folder_labels(root, paths):
+    """int32 class index of each path (its sub-folder's position in class_names), or a ValueError saying why the
+    folder cannot give labels."""
+    classes = _folder_classes(root, paths)
+    if len(classes) < 2:
+        raise ValueError(
+            f"image folder {root!r} has {len(classes)} class sub-folder(s) {classes}; labels need at least 2: put "
+            f"each class's images in its own sub-folder (root/<class name>/...), or train without labels"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    tops = [_top_folder(root, path) for path in paths]
+    loose = [path for path, top in zip(paths, tops) if top not in index]
+    if loose:
+        raise ValueError(
+            f"{len(loose)} image(s) lie directly in {root!r}, outside the class sub-folders {classes} (e.g. "
+            f"{loose[0]!r}): move them into a class sub-folder, or train without labels"
+        )
+    return np.array([index[top] for top in tops], np.int32)
+
+
+class ImageFiles:
+    """Random-access source for `GeneratorDataset`: item i is (load_image(paths[i]),), uint8 (H, W, C), or
+    (image, labels[i]) when labels (int32 class indices, one per path) are given."""
+
+    def __init__(self, paths, image_size, channels, labels=None):
         self.paths = list(paths)
         self.image_size = image_size
         self.channels = channels
+        self.labels = labels
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return (load_image(self.paths[int(index)], self.image_size, self.channels),)
+        index = int(index)
+        image = load_image(self.paths[index], self.image_size, self.channels)
+        return (image,) if self.labels is None else (image, self.labels[index])
 
 
 def to_model_input(images):
-    """uint8 (B, H, W, C) or (B, H, W) -> float32 (B, C, H, W) in [-1, 1], x / 127.5 - 1 (Ho et al. Sec. 3.3)."""
-    if images.ndim == 3:  # OpenCV's RGB2GRAY drops the channel axis
+    """uint8 (B, H, W, C) or (B, H, W) -> float32 (B, C, H, W) in [-1, 1]: (x - 127.5) / 127.5 (Ho et al. Sec. 3.3),
+    the pipelines' Normalize(127.5, 127.5) in NumPy, bit for bit."""
+    if images.ndim == 3:
         images = images[..., None]
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / np.float32(127.5) - np.float32(1)
+    half = np.float32(127.5)
+    return (np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) - half) / half
+
+
+def default_workers():
+    """Dataset workers when none are asked for: the cores this process may run on (the launcher's binding, e.g.
+    msrun --bind_core) but one, left to the training loop's host thread; at least 1, at most 8 (mindcv's and
+    MindSpore's default)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, usable - 1))
 
 
 def create_dataset(
     name,
-    root,
+    root=None,
     split="train",
     image_size=28,
     channels=None,
@@ -181,19 +299,23 @@ def create_dataset(
     shard_id=None,
     download=False,
     seed=None,
-    num_parallel_workers=1,
+    num_parallel_workers=None,
     drop_remainder=True,
+    labels=False,
 ):
-    """A batched pipeline with one column "image": float32 (batch_size, channels, image_size, image_size) in [-1, 1].
+    """A batched pipeline of images, float32 (batch_size, channels, image_size, image_size) in [-1, 1], and with
+    `labels=True` their class labels, int32 (batch_size,).
 
     Args:
         name: one of DATASETS. "mnist" / "fashion_mnist": folder with the unpacked IDX files
             (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte);
             "cifar10": folder with the CIFAR-10 binary version's data_batch_1.bin .. data_batch_5.bin and
             test_batch.bin (or the folder holding the archive's cifar-10-batches-bin/); "folder": any folder of
-            .png/.jpg/.jpeg/.bmp/.webp files, searched recursively, read in sorted path order (no class subfolders
-            needed; subfolders are just more images).
-        root: the folder described above (str or path-like).
+            .png/.jpg/.jpeg/.bmp/.webp files, searched recursively, read in sorted path order (without labels,
+            sub-folders are just more images; with labels, each sub-folder of root is a class, see `class_names`).
+        root: the folder described above (str or path-like). None: for "mnist", the 4,000 train and 1,000 test
+            digits the package carries (ms_ddpm/data/mnist5k/, unpacked once into a per-user cache folder, see
+            ms_ddpm.data.embedded); the other data sets need a root.
         split: "train" or "test" (t10k-* for the IDX datasets, test_batch.bin for CIFAR-10). Ignored for "folder",
             which always reads the whole folder.
         image_size: output height and width: the shorter side is resized to it, then centre-cropped.
@@ -206,24 +328,31 @@ def create_dataset(
         num_shards, shard_id: data parallelism: this pipeline reads shard `shard_id` of `num_shards` disjoint
             shards (e.g. the device count and the rank). Give both or neither; 0 <= shard_id < num_shards.
         download: fetch, verify and unpack the official files into root when they are missing or incomplete
-            (mnist, fashion_mnist, cifar10 only; see ms_ddpm.data.fetch).
+            (mnist, fashion_mnist, cifar10 only, and a root must be given; see ms_ddpm.data.fetch).
         seed: seed of the shuffle permutations (a new one each epoch); the same seed gives the same orders on every
             run. None uses MindSpore's global dataset seed at call time. Must be the same on all shards.
-        num_parallel_workers: threads for reading and per-image transforms. Folder images are decoded with PIL in
-            threads, not processes: PIL releases the GIL while decoding and resizing, and threads avoid the
-            shared-memory limits that MindSpore's worker processes hit in containers.
+        num_parallel_workers: workers for reading and per-image transforms; None: `default_workers()`, the
+            usable cores but one, up to 8. More than the machine's cores are capped at its core count (MindSpore refuses
+            them). Folders of images are decoded in that many Python processes when it is above 1 (see the
+            module docstring); they pass images through shared memory (/dev/shm), which some containers keep
+            small: if workers fail there, enlarge it (docker run --shm-size) or call
+            `mindspore.dataset.config.set_enable_shared_mem(False)`.
         drop_remainder: drop the last incomplete batch, so every batch has batch_size images (what a compiled
             training step wants).
+        labels: also give each image's class label (index into `class_names(name, root)`), as a second column
+            "label". Shuffling, sharding, skipping and seeds are the same with and without labels: the same seed
+            gives the same images in the same order.
 
     Returns:
-        A `mindspore.dataset` pipeline; `get_dataset_size()` is the number of batches per epoch on this shard, and
+        A `mindspore.dataset` pipeline with the column "image" (and "label" with labels=True); `get_dataset_size()` is the number of batches per epoch on this shard, and
         the extra attribute `num_images` the number of images this shard reads per epoch (before dropping the
         remainder). Iterate it with `create_tuple_iterator()` (ms.Tensor batches) or
         `create_dict_iterator(output_numpy=True)` (NumPy), see the module docstring.
 
     Raises:
-        ValueError: unknown name, split or channels, bad sizes or shard ids, malformed dataset files, or a shard
-            with fewer than batch_size images while drop_remainder is set.
+        ValueError: unknown name, split or channels, bad sizes or shard ids, malformed dataset files, a shard
+            with fewer than batch_size images while drop_remainder is set, or labels from a folder with fewer than
+            two class sub-folders or with images outside them.
         FileNotFoundError: root or the split's files are missing (and download is False), or a folder without
             images.
         DownloadError: a download failed or did not match its checksum.
@@ -232,10 +361,12 @@ def create_dataset(
     check_choice("split", split, SPLITS)
     image_size = _check_int("image_size", image_size, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
-    num_parallel_workers = _check_int("num_parallel_workers", num_parallel_workers, 1)
+    if num_parallel_workers is None:
+        num_parallel_workers = default_workers()
+    num_parallel_workers = min(_check_int("num_parallel_workers", num_parallel_workers, 1), os.cpu_count() or 1)
     channels = _DEFAULT_CHANNELS[name] if channels is None else check_choice("channels", channels, (1, 3))
     num_shards, shard_id = _check_shards(num_shards, shard_id)
-    root = os.fspath(root)
+    columns = ["image", "label"] if labels else ["image"]
 
     sampler = ds.DistributedSampler(num_shards, shard_id, shuffle=bool(shuffle))
     if seed is not None:
@@ -244,9 +375,13 @@ def create_dataset(
         # reseed Python's and NumPy's global generators).
         sampler.seed = _check_int("seed", seed, 0, _MAX_SEED)
 
-    if name == "folder":
-        if download:
+    if download:
+        if name == "folder":
             raise ValueError("download=True needs one of 'mnist', 'fashion_mnist', 'cifar10', not 'folder'")
+        download_dataset(name, root)
+    root = _resolve_root(name, root)
+
+    if name == "folder":
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist; give the path to a folder of images")
         paths = list_images(root)
@@ -255,16 +390,14 @@ def create_dataset(
                 f"no images found under {root!r} (searched recursively for {', '.join(IMAGE_EXTENSIONS)} files)"
             )
         dataset = ds.GeneratorDataset(
-            ImageFiles(paths, image_size, channels),
-            column_names=["image"],
+            ImageFiles(paths, image_size, channels, _folder_labels(root, paths) if labels else None),
+            column_names=columns,
             sampler=sampler,
             num_parallel_workers=num_parallel_workers,
-            python_multiprocessing=False,
+            python_multiprocessing=num_parallel_workers > 1,
         )
         ops = []
     else:
-        if download:
-            download_dataset(name, root)
         if name == "cifar10":
             root = _resolve_cifar10_root(root, split)
         problems = file_problems(name, root, (split,))
@@ -272,21 +405,26 @@ def create_dataset(
             raise _missing_data_error(name, root, split, problems)
         reader = ds.Cifar10Dataset if name == "cifar10" else ds.MnistDataset
         dataset = reader(root, usage=split, sampler=sampler, num_parallel_workers=num_parallel_workers)
-        dataset = dataset.project(["image"])
-        height, width = native_image_size(name, root, split)
+        dataset = dataset.project(columns)
+        if labels:  # stored as uint32
+            dataset = dataset.map(transforms.TypeCast(ms.int32), input_columns="label")
+        height, width = NATIVE_IMAGE_SIZE[name]
         ops = []
         if (height, width) != (image_size, image_size):
             shrink = image_size < min(height, width)
             ops.append(vision.Resize(image_size, vision.Inter.AREA if shrink else vision.Inter.BICUBIC))
             ops.append(vision.CenterCrop(image_size))
-        stored = _STORED_CHANNELS[name]
-        if stored != channels:
-            mode = vision.ConvertMode.COLOR_GRAY2RGB if channels == 3 else vision.ConvertMode.COLOR_RGB2GRAY
-            ops.append(vision.ConvertColor(mode))
+        if (_STORED_CHANNELS[name], channels) == (1, 3):
+            ops.append(vision.ConvertColor(vision.ConvertMode.COLOR_GRAY2RGB))
+        elif (_STORED_CHANNELS[name], channels) == (3, 1):
+            # OpenCV's RGB2GRAY drops the channel axis and no C++ operation adds one back: repeat the plane and
+            # keep the first copy, (H, W, 1)
+            ops += [vision.ConvertColor(vision.ConvertMode.COLOR_RGB2GRAY),
+                    vision.ConvertColor(vision.ConvertMode.COLOR_GRAY2RGB), transforms.Slice(True, True, slice(0, 1))]
     if random_flip:
         ops.append(vision.RandomHorizontalFlip(0.5))
-    if ops:
-        dataset = dataset.map(ops, input_columns="image", num_parallel_workers=num_parallel_workers)
+    ops += [vision.Normalize([127.5] * channels, [127.5] * channels), vision.HWC2CHW()]
+    dataset = dataset.map(ops, input_columns="image", num_parallel_workers=num_parallel_workers)
 
     num_images = dataset.get_dataset_size()
     if drop_remainder and num_images < batch_size:
@@ -294,7 +432,6 @@ def create_dataset(
             f"{name} {split} has {num_images} images per shard, fewer than batch_size={batch_size}: with "
             f"drop_remainder=True every batch would be dropped. Lower batch_size or pass drop_remainder=False."
         )
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    dataset = dataset.map(to_model_input, input_columns="image")
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder, num_parallel_workers=num_parallel_workers)
     dataset.num_images = num_images
     return dataset

@@ -99,14 +99,21 @@ def download_dataset(name, root, verbose=True):
     Args:
         name: one of ARCHIVES ("mnist", "fashion_mnist", "cifar10").
         root: folder that receives the unpacked files (created if missing), e.g. root/train-images-idx3-ubyte or
-            root/data_batch_1.bin.
+            root/data_batch_1.bin. None is a ValueError saying to give one.
         verbose: print the URLs and a progress bar.
     Returns:
         root.
     Raises:
+        ValueError: root is None.
         DownloadError: a download failed, a checksum did not match, or the archives lacked expected files.
     """
     check_choice("name", name, ARCHIVES)
+    if root is None:
+        embedded = "; without download, root=None reads the MNIST digits the package carries" if name == "mnist" else ""
+        raise ValueError(
+            f"download=True (data.download) needs root (data.root): the folder to fetch the full {name} data set "
+            f"into{embedded}"
+        )
     root = os.fspath(root)
     if not file_problems(name, root):
         return root

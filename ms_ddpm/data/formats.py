@@ -97,6 +97,9 @@ def file_problems(name, root, splits=SPLITS):
                 why = None if size == expected else f"{size} bytes, expected {expected} (10,000 records of 3,073)"
             elif "images" in fname:
                 why = _idx_problem(path, IDX_IMAGES_MAGIC)
+                if why is None and read_idx_header(path)[1][1:] != NATIVE_IMAGE_SIZE[name]:
+                    rows, cols = read_idx_header(path)[1][1:]
+                    why = f"{rows}x{cols} images, but MindSpore's MnistDataset reads 28x28 ones only"
             else:
                 why = _idx_problem(path, IDX_LABELS_MAGIC)
             if why is not None:
@@ -110,9 +113,5 @@ def file_problems(name, root, splits=SPLITS):
     return problems
 
 
-def native_image_size(name, root, split):
-    """(height, width) of the stored images: from the IDX header, or 32x32 for CIFAR-10."""
-    if name == "cifar10":
-        return 32, 32
-    _, (_, rows, cols) = read_idx_header(os.path.join(root, FILES[name][split][0]))
-    return rows, cols
+# (height, width) of the stored images; MindSpore's MnistDataset reads 28x28 IDX images only
+NATIVE_IMAGE_SIZE = {"mnist": (28, 28), "fashion_mnist": (28, 28), "cifar10": (32, 32)}

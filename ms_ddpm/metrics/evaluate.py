@@ -4,13 +4,18 @@
                       feature_ckpt="classifier.ckpt", bpd_batches=1)
     result["fd"], result["kid"], result["bits_per_dim"], result["samples_per_s"]
     result["bits_per_dim_ode"]  # with bpd_ode_batches >= 1
+    result["class_accuracy"]    # a class-conditional model measured with the MNIST classifier
 
 What is measured, and how:
-  * the model is rebuilt from the checkpoint alone (its stored config; the EMA weights "ema.<name>", or the raw
-    weights when the run kept no EMA, which the result says);
-  * `num` samples are drawn in batches of `batch_size` with the named sampler at `steps` steps; batch i uses seed
-    `seed + i`, as `ms-ddpm sample`, so the same arguments give the same samples. Samples are clipped to [-1, 1] and
-    rounded to the 8-bit grid, as if saved as PNGs, because the real images are 8-bit (clean-fid does the same);
+  * the model is rebuilt from the checkpoint alone (`DiffusionPipeline.from_checkpoint`: its stored config; the EMA
+    weights "ema.<name>", or the raw weights when the run kept no EMA, which the result says);
+  * `num` samples are drawn by the pipeline in batches of `batch_size` with the named sampler at `steps` steps;
+    batch i uses seed `seed + i`, as `ms-ddpm sample`, so the same arguments give the same samples. A
+    class-conditional model draws every class equally often (labels 0, 1, ..., C - 1, 0, ...), at `guidance_scale`
+    (classifier-free guidance; 1: none). Samples are clipped to [-1, 1] and rounded to the 8-bit grid, as if saved
+    as PNGs, because the real images are 8-bit (clean-fid does the same);
+  * class accuracy (class-conditional models, with the MNIST classifier as feature extractor and as many classes
+    as the model): the share of samples the classifier assigns to the class they were drawn for;
   * samples/s is `num` over the wall time of drawing them. Before it, one batch is drawn untimed (graph
     compilation, kernel selection, allocator warm-up) and its time is reported as `warmup_s`; a smaller last batch
     gets one untimed sampling step too, so graph mode does not compile inside the timed loop;
@@ -20,7 +25,8 @@ What is measured, and how:
     `features.py` when `feature_ckpt` is given, else raw pixels, which gives a "pixel-space FD, not comparable
     to FID". The real statistics are computed once per call (not cached across calls);
   * bits/dim: `calc_bpd_loop` (the DDPM variational bound) on the first `bpd_batches` test batches; each batch costs
-    T network evaluations (T = the training chain length), so it is off by default;
+    T network evaluations (T = the training chain length), so it is off by default. A class-conditional model is
+    given each test image's label: the bound on log p(x | class);
   * ODE bits/dim: `ode_bpd` (the probability-flow ODE's density, Song et al. 2021, Sec. 4.3) on the first
     `bpd_ode_batches` test batches, uniformly dequantised, with the seed of the bound's batches; each batch costs up to
     2 (`bpd_ode_steps` - 1) network evaluations with a vector-Jacobian product each, so it is off by default too.
@@ -29,8 +35,6 @@ FD and KID depend on the sample count: FD's estimate is biased upwards, strongly
 dimension (the sample covariance then has rank < D). Compare numbers only at equal `num`, feature extractor and
 real split; `real_floor` gives the value two real sets of the same size reach, for scale.
 """
-import os
-import platform
 import sys
 import time
 import warnings
@@ -38,11 +42,11 @@ import warnings
 import mindspore as ms
 import numpy as np
 from scipy import linalg
-from tqdm.auto import tqdm
 
 from ..data import create_dataset
-from ..train.trainer import build_sampler, default_sampler, load_trained_model
-from .features import load_feature_extractor
+from ..pipeline import DiffusionPipeline, default_sampler
+from ..utils import check_int
+from .features import MNISTClassifier, load_feature_extractor
 from .frechet import feature_statistics, frechet_distance, kernel_distance
 from .likelihood import ODE_STEPS, calc_bpd_loop, ode_bpd
 
@@ -53,28 +57,22 @@ def _log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def real_images(cfg, data_root, split, batch_size, num=None, seed=None):
+def real_images(cfg, data_root, split, batch_size, num=None, seed=None, labels=False):
     """float32 images (N, C, H, W) in [-1, 1] of `split` at the config's size and channels: all of them in file
-    order, or the first `num` of a permutation seeded with `seed`."""
+    order, or the first `num` of a permutation seeded with `seed`. With `labels`: (images, int32 (N,) labels)."""
     c = cfg.data
     root = c.root if data_root is None else data_root
     dataset = create_dataset(c.name, root, split, c.image_size, c.channels, batch_size, shuffle=num is not None,
-                             seed=seed, drop_remainder=False)
+                             seed=seed, drop_remainder=False, **(dict(labels=True) if labels else {}))
     if num is not None and num > dataset.num_images:
         raise ValueError(f"num={num} is more than the {dataset.num_images} images of the {split} split")
-    images = []
-    for (x,) in dataset.create_tuple_iterator(output_numpy=True, num_epochs=1):
-        images.append(x)
-        if num is not None and sum(len(b) for b in images) >= num:
+    columns = []
+    for batch in dataset.create_tuple_iterator(output_numpy=True, num_epochs=1):
+        columns.append(batch)
+        if num is not None and sum(len(b[0]) for b in columns) >= num:
             break
-    images = np.concatenate(images)
-    return images if num is None else images[:num]
+    images, *label = (np.concatenate(column)[:num] for column in zip(*columns))
+    return (images, label[0]) if labels else images
 
 
 def to_8bit_grid(x):
@@ -121,26 +119,36 @@ def _distances(fake, real, seed, pixels):
     return fd, kernel_distance(fake, real, seed=seed)
 
 
-def _mean_bpd(real_test, batches, batch_size, bpd_fn):
-    """Mean of `bpd_fn(images, i)["total_bpd"]` over the first `batches` test batches: (mean, number of images)."""
+def class_accuracy(samples, labels, classifier, batch_size):
+    """Share of `samples` (N, C, H, W) that `classifier` (an `MNISTClassifier`) assigns to their `labels` (N,)."""
+    predicted = [classifier(ms.Tensor(samples[s:s + batch_size])).asnumpy().argmax(axis=1)
+                 for s in range(0, len(samples), batch_size)]
+    return float((np.concatenate(predicted) == labels).mean())
+
+
+def _mean_bpd(real_test, labels, batches, batch_size, bpd_fn):
+    """Mean of `bpd_fn(images, labels, i)["total_bpd"]` over the first `batches` test batches (labels None for an
+    unconditional model): (mean, number of images)."""
     totals = []
     for i in range(batches):
         batch = real_test[i * batch_size:(i + 1) * batch_size]
         if len(batch) == 0:
             break
-        totals.append(bpd_fn(ms.Tensor(batch), i)["total_bpd"])
+        cond = None if labels is None else ms.Tensor(labels[i * batch_size:(i + 1) * batch_size])
+        totals.append(bpd_fn(ms.Tensor(batch), cond, i)["total_bpd"])
     totals = np.concatenate(totals)
     return float(totals.mean()), len(totals)
 
 
 def _check_common(num, batch_size, bpd_batches=0):
-    _check_int("num", num, 2)  # a covariance needs two samples
-    _check_int("batch_size", batch_size, 1)
-    _check_int("bpd_batches", bpd_batches, 0)
+    check_int("num", num, 2)  # a covariance needs two samples
+    check_int("batch_size", batch_size, 1)
+    check_int("bpd_batches", bpd_batches, 0)
 
 
 def evaluate(ckpt, sampler=None, steps=None, num=1000, batch_size=250, seed=0, feature_ckpt=None, data_root=None,
-             bpd_batches=0, bpd_ode_batches=0, bpd_ode_steps=ODE_STEPS, mode="graph", device="CPU", progress=True):
+             bpd_batches=0, bpd_ode_batches=0, bpd_ode_steps=ODE_STEPS, mode="graph", device="CPU", progress=True,
+             guidance_scale=1.0):
     """Sample from a checkpoint and measure it (see the module docstring).
 
     Args:
@@ -156,73 +164,86 @@ def evaluate(ckpt, sampler=None, steps=None, num=1000, batch_size=250, seed=0, f
         bpd_ode_batches: test batches of `batch_size` images for the ODE bits/dim; 0 skips it.
         bpd_ode_steps: noise levels of the ODE solver (`ode_bpd`'s num_steps, >= 2).
         mode, device: MindSpore execution mode ("graph" / "pynative") and device.
+        guidance_scale: classifier-free guidance scale of a class-conditional model (1: none).
 
     Returns:
-        dict with fd, kid, bits_per_dim and bits_per_dim_ode (None when skipped), samples_per_s, sampling_s,
-        warmup_s and the settings.
+        dict with fd, kid, bits_per_dim and bits_per_dim_ode (None when skipped), class_accuracy (None unless
+        measured), samples_per_s, sampling_s, warmup_s and the settings.
     """
     _check_common(num, batch_size, bpd_batches)
-    _check_int("bpd_ode_batches", bpd_ode_batches, 0)
-    _check_int("bpd_ode_steps", bpd_ode_steps, 2)
+    check_int("bpd_ode_batches", bpd_ode_batches, 0)
+    check_int("bpd_ode_steps", bpd_ode_steps, 2)
     if steps is not None:
-        _check_int("steps", steps, 1)
+        check_int("steps", steps, 1)
 
-    cfg, net, diffusion, step, weights = load_trained_model(ckpt, mode, device)
-    ncsn = cfg.diffusion.process == "ncsn"
-    if ncsn and bpd_batches:
+    pipe = DiffusionPipeline.from_checkpoint(ckpt, mode=mode, device=device)
+    cfg, net, process = pipe.config, pipe.network, pipe.process
+    if cfg.diffusion.process == "ncsn" and bpd_batches:
         raise ValueError("bits/dim from the variational bound needs a DDPM chain; this checkpoint is an NCSN "
                          "(diffusion.process ncsn): drop bpd_batches")
-    sampler = sampler or default_sampler(cfg)
-    chain = build_sampler(cfg, sampler, diffusion)  # a sampler of the other process is refused here
+    name = sampler or default_sampler(cfg)
+    chain = pipe.create_sampler(name)  # a sampler of the other process is refused here
     if steps is not None:  # else the sampler's default: every training timestep / noise level, or ald's 100 per level
         chain.set_timesteps(steps)
+    model = pipe.guided(guidance_scale)  # a scale the model cannot take is refused before the long sampling
+    labels = pipe.labels(num)
     extractor, space = _feature_space(feature_ckpt, cfg)
-    real_test = real_images(cfg, data_root, "test", batch_size)  # checks the data before the long sampling
+    # checks the data before the long sampling
+    real = real_images(cfg, data_root, "test", batch_size, labels=pipe.conditional)
+    real_test, real_labels = real if pipe.conditional else (real, None)
     c = cfg.data
     sizes = [min(batch_size, num - s) for s in range(0, num, batch_size)]
 
-    def draw(i, n):
-        return chain.sample(net, (n, c.channels, c.image_size, c.image_size), seed=seed + i, progress=progress)
-
     start = time.perf_counter()
-    draw(0, sizes[0]).asnumpy()  # untimed: compiles the network and warms every kernel up
+    # untimed: compiles the network and warms every kernel up
+    pipe(sizes[0], guidance_scale=guidance_scale, sampler=chain, seed=seed, batch_size=batch_size, progress=progress)
     if sizes[-1] != sizes[0]:  # the smaller last batch has a shape of its own: one step compiles it, untimed
         shape = (sizes[-1], c.channels, c.image_size, c.image_size)
-        next(chain.sample_progressive(net, shape, seed=seed, progress=False)).prev_sample.asnumpy()
+        cond = None if labels is None else ms.Tensor(labels[:sizes[-1]])
+        next(chain.sample_progressive(model, shape, seed=seed, progress=False, cond=cond)).prev_sample.asnumpy()
     warmup_s = time.perf_counter() - start
 
-    samples = []
     start = time.perf_counter()
-    for i, n in enumerate(tqdm(sizes, desc=f"sample {sampler}-{chain.num_inference_steps}",
-                               disable=not progress, unit="batch")):
-        samples.append(draw(i, n).asnumpy())  # asnumpy waits for the device, so the wall time is complete
+    # the samples come back as NumPy, which waits for the device, so the wall time is complete
+    samples, labels = pipe(num, guidance_scale=guidance_scale, sampler=chain, seed=seed, batch_size=batch_size,
+                           progress=progress)
     sampling_s = time.perf_counter() - start
-    samples = to_8bit_grid(np.concatenate(samples))
+    samples = to_8bit_grid(samples)
     if not np.isfinite(samples).all():
         raise ValueError(f"the samples of {ckpt} are not finite")
 
     real_feats = extract_features(real_test, extractor, batch_size)
     fd, kid = _distances(extract_features(samples, extractor, batch_size), real_feats, seed, extractor is None)
+    accuracy = None
+    if pipe.conditional:
+        if isinstance(extractor, MNISTClassifier) and extractor.config["num_classes"] == len(pipe.class_names):
+            accuracy = class_accuracy(samples, labels, extractor, batch_size)
+        else:
+            _log("NOTE: class accuracy needs the MNIST classifier (--features) with the model's number of classes")
 
     bpd, bpd_images = None, 0
     if bpd_batches:
-        _log(f"bits/dim: {diffusion.num_timesteps} network evaluations per batch of {batch_size} test images "
+        _log(f"bits/dim: {process.num_timesteps} network evaluations per batch of {batch_size} test images "
              f"({bpd_batches} batch(es))")
-        bpd, bpd_images = _mean_bpd(real_test, bpd_batches, batch_size, lambda x, i: calc_bpd_loop(
-            diffusion, net, x, seed=seed + i, progress=progress))
+        bpd, bpd_images = _mean_bpd(real_test, real_labels, bpd_batches, batch_size, lambda x, y, i: calc_bpd_loop(
+            process, net, x, seed=seed + i, progress=progress, cond=y))
 
     bpd_ode, bpd_ode_images = None, 0
     if bpd_ode_batches:
         _log(f"bits/dim (ODE): up to {2 * (bpd_ode_steps - 1)} network evaluations, each with a vector-Jacobian "
              f"product, per batch of {batch_size} test images ({bpd_ode_batches} batch(es))")
-        bpd_ode, bpd_ode_images = _mean_bpd(real_test, bpd_ode_batches, batch_size, lambda x, i: ode_bpd(
-            diffusion, net, x, num_steps=bpd_ode_steps, dequantize=True, seed=seed + i, progress=progress))
+        bpd_ode, bpd_ode_images = _mean_bpd(
+            real_test, real_labels, bpd_ode_batches, batch_size, lambda x, y, i: ode_bpd(
+                process, net, x, num_steps=bpd_ode_steps, dequantize=True, seed=seed + i, progress=progress, cond=y))
 
     return {
-        "checkpoint": str(ckpt), "checkpoint_step": step, "weights": weights,
+        "checkpoint": str(ckpt), "checkpoint_step": pipe.checkpoint_step, "weights": pipe.weights,
         "dataset": c.name, "image_size": c.image_size, "real_split": "test", "num_real": len(real_test),
-        "sampler": sampler, "steps": chain.num_inference_steps, "network_evaluations_per_sample": len(chain.timesteps),
+        "sampler": name, "steps": chain.num_inference_steps,
+        # a guided step calls the network on the doubled batch: two evaluations per sample
+        "network_evaluations_per_sample": len(chain.timesteps) * (1 if model is net else 2),
         "num": num, "batch_size": batch_size, "seed": seed, "mode": mode, "device": device,
+        "guidance_scale": guidance_scale, "class_accuracy": accuracy,
         "features": space, "feature_checkpoint": None if feature_ckpt is None else str(feature_ckpt),
         "feature_dim": real_feats.shape[1], "note": PIXEL_NOTE if extractor is None else None,
         "fd": fd, "kid": kid, "bits_per_dim": bpd, "bpd_images": bpd_images,
@@ -237,7 +258,7 @@ def real_floor(ckpt, num=1000, batch_size=250, seed=0, feature_ckpt=None, data_r
     data set and image size, in the same feature space as `evaluate`: the value a perfect model would reach at
     this `num`, for scale. No sampling. Returns a dict like `evaluate`'s."""
     _check_common(num, batch_size)
-    cfg = load_trained_model(ckpt, mode, device)[0]
+    cfg = DiffusionPipeline.from_checkpoint(ckpt, mode=mode, device=device).config
     extractor, space = _feature_space(feature_ckpt, cfg)
     real_test = real_images(cfg, data_root, "test", batch_size)
     real_train = real_images(cfg, data_root, "train", batch_size, num=num, seed=seed)
@@ -253,19 +274,6 @@ def real_floor(ckpt, num=1000, batch_size=250, seed=0, feature_ckpt=None, data_r
     }
 
 
-def machine_description():
-    """CPU model, logical and usable cores, platform: the context a samples/s number needs."""
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable, "platform": platform.platform(),
-            "mindspore": ms.__version__}
-
-
 def format_report(result):
     """The result as lines of text, one measurement per line."""
     space = ("raw pixels" if result["features"] == "pixels" else f"{result['features']} features") + \
@@ -276,6 +284,9 @@ def format_report(result):
     note = f"  [{result['note']}]" if result.get("note") else ""
     lines = [f"FD: {result['fd']:.4f} ({space}; {against}){note}",
              f"KID: {result['kid']:.6f} ({space})"]
+    if result.get("class_accuracy") is not None:
+        lines.append(f"class accuracy: {result['class_accuracy']:.4f} (share of {result['num']} samples the classifier "
+                     f"assigns to their class; guidance scale {result['guidance_scale']:g})")
     if not result.get("real_floor"):
         if result["bits_per_dim"] is not None:
             lines.append(f"bits/dim: {result['bits_per_dim']:.4f} ({result['bpd_images']} test images, "

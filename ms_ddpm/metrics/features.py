@@ -36,14 +36,13 @@ checkpoint: the entry "feature_extractor" names the class (FEATURE_EXTRACTORS), 
 arguments. `ms_ddpm.metrics.evaluate` uses only the extractor's `features(x) -> (B, D)`, `input_channels` and `kind`.
 """
 import json
-import os
 from pathlib import Path
 
 import mindspore as ms
 from mindspore import nn, ops
 
 from ..models.normalization import GroupNorm
-from ..train.checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, load_verified, save_atomic
 from .inception import FIDInceptionV3
 
 INPUT_SIZE = 28  # MNIST's native resolution; other sizes are resized to it
@@ -127,8 +126,7 @@ HOW_TO_MAKE = ("train a classifier with scripts/train_classifier.py or convert I
 
 
 def save_feature_extractor(net, path, extra=None):
-    """Write a feature extractor's weights, class and constructor arguments to `path` atomically (temporary file,
-    then rename).
+    """Write a feature extractor's weights, class and constructor arguments to `path` atomically (`save_atomic`).
 
     Args:
         net: an instance of one of FEATURE_EXTRACTORS (MNISTClassifier, FIDInceptionV3).
@@ -141,13 +139,9 @@ def save_feature_extractor(net, path, extra=None):
                          f"got {type(net).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.ckpt")  # MindSpore appends ".ckpt" to names without it
     info = {"feature_extractor": net.kind, "architecture": json.dumps(net.config)}
-    info.update({k: str(v) for k, v in (extra or {}).items()})
-    ms.save_checkpoint([{"name": p.name, "data": p} for p in net.get_parameters()], str(tmp), append_dict=info,
-                       crc_check=True)
-    os.replace(tmp, path)  # atomic on POSIX and Windows
-    return path
+    info.update(extra or {})
+    return save_atomic(path, net.get_parameters(), info)
 
 
 def load_feature_extractor(path):
@@ -158,14 +152,7 @@ def load_feature_extractor(path):
     Raises:
         CheckpointError: the file is missing, corrupt, or not a feature-extractor checkpoint.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"feature-extractor checkpoint {path} does not exist; {HOW_TO_MAKE}")
-    try:
-        raw = ms.load_checkpoint(str(path), crc_check=True)
-    except Exception as err:  # MindSpore raises ValueError/RuntimeError with C++ context for damaged files
-        raise CheckpointError(f"feature-extractor checkpoint {path} is corrupt or truncated ({type(err).__name__}); "
-                              f"make it again: {HOW_TO_MAKE}") from None
+    raw = load_verified(path, "feature-extractor checkpoint", HOW_TO_MAKE, f"make it again: {HOW_TO_MAKE}")
     cls = FEATURE_EXTRACTORS.get(str(raw.get("feature_extractor", "")))
     if cls is None or "architecture" not in raw:
         raise CheckpointError(f"{path} is not a feature-extractor checkpoint (it was not written by "

@@ -32,8 +32,9 @@ import numpy as np
 from mindspore import ops
 from tqdm.auto import tqdm
 
-from ..samplers.sde import ProbabilityFlowSampler
-from ..utils import check_choice
+from ..models import call_network
+from ..samplers.score_sde import ProbabilityFlowSampler
+from ..utils import check_choice, check_int
 
 _LOG2 = math.log(2.0)
 #: probe distributions of the trace estimator (Eq. 40): both have E[eps eps^T] = I; Rademacher's +-1 entries give the
@@ -103,14 +104,17 @@ def prior_bpd(diffusion, x_start):
     return _mean_flat(kl) / _LOG2
 
 
-def calc_bpd_loop(diffusion, model, x_start, seed=None, progress=False):
+def calc_bpd_loop(diffusion, model, x_start, seed=None, progress=False, cond=None):
     """The full bound for a batch of images: a single draw x_t ~ q(x_t | x_0) per timestep and image.
 
     Args:
         diffusion: the `GaussianDiffusion` the model was trained with.
-        model: callable (x_t (B, C, H, W), t (B,) int32) -> network output.
+        model: callable (x_t (B, C, H, W), t (B,) int32[, cond]) -> network output.
         x_start: (B, C, H, W) float32 tensor of 8-bit images scaled to [-1, 1].
         seed: seeds the NumPy generator of the noise draws.
+        progress: show a progress bar.
+        cond: the images' condition (their (B,) int32 class labels) for a class-conditional model: the bound of
+            log p(x | class); None for an unconditional one.
 
     Returns:
         dict of NumPy arrays: total_bpd (B,), prior_bpd (B,), vb (B, T) (column t = the term at index t).
@@ -122,7 +126,7 @@ def calc_bpd_loop(diffusion, model, x_start, seed=None, progress=False):
         t = ms.Tensor(np.full((batch,), timestep, dtype=np.int32))
         noise = ms.Tensor(rng.standard_normal(x_start.shape, dtype=np.float32))
         x_t = diffusion.q_sample(x_start, t, noise)
-        vb.append(vb_terms_bpd(diffusion, model(x_t, t), x_start, x_t, t).asnumpy())
+        vb.append(vb_terms_bpd(diffusion, call_network(model, x_t, t, cond), x_start, x_t, t).asnumpy())
     vb = np.stack(vb[::-1], axis=1)
     prior = prior_bpd(diffusion, x_start).asnumpy()
     return {"total_bpd": vb.sum(axis=1) + prior, "prior_bpd": prior, "vb": vb}
@@ -135,14 +139,14 @@ def log_snr_levels(sde, num_steps):
     Near the data the labels are sparser in lambda than the targets, so fewer levels may come back (94 of 100 for the
     linear schedule at T = 1000; more than T visits every label).
     """
-    log_snr = np.array([2.0 * math.log(m / s) for m, s in map(sde.marginal, range(sde.N))])
+    log_snr = np.array([2.0 * math.log(m / s) for m, s in map(sde.marginal, range(sde.num_timesteps))])
     targets = np.linspace(log_snr.max(), log_snr.min(), num_steps)
     nearest = np.abs(log_snr[None, :] - targets[:, None]).argmin(axis=1)
     return list(dict.fromkeys(int(n) for n in nearest)), log_snr
 
 
 def ode_bpd(process, model, x_start, num_steps=ODE_STEPS, hutchinson="rademacher", dequantize=False, seed=None,
-            progress=False):
+            progress=False, cond=None):
     """Bits/dim of images under the probability-flow ODE (Song et al. 2021, Eqs. 13, 39-40; module docstring).
 
     Where the ODE starts: x_start is taken as a point of the least noisy marginal the network knows, p_{t_0} (label
@@ -188,7 +192,7 @@ def ode_bpd(process, model, x_start, num_steps=ODE_STEPS, hutchinson="rademacher
     Args:
         process: a `GaussianDiffusion` (its VP SDE, the network read as its objective, as `ProbabilityFlowSampler`),
             or a `VPSDE`, `SubVPSDE` or `VESDE`.
-        model: callable (x (B, C, H, W) float32, t (B,) int32 labels) -> network output, differentiable in x by
+        model: callable (x (B, C, H, W) float32, t (B,) int32 labels[, cond]) -> network output, differentiable in x by
             MindSpore autodiff (graph mode compiles it with the gradient), and treating the images of a batch
             independently (a U-Net in inference mode does): the batch's vector-Jacobian product is then each image's.
         x_start: (B, C, H, W) float32 tensor, 8-bit images scaled to [-1, 1] (what the offset of 7 bits assumes).
@@ -197,14 +201,14 @@ def ode_bpd(process, model, x_start, num_steps=ODE_STEPS, hutchinson="rademacher
         dequantize: add the uniform noise above to x_start first.
         seed: seeds the NumPy generator of the dequantisation noise (drawn first) and of the probes.
         progress: show a progress bar.
+        cond: the images' condition ((B,) int32 class labels) for a class-conditional model, else None.
 
     Returns:
         dict of NumPy arrays: total_bpd (B,); prior_logp (B,) and delta_logp (B,) in nats, float64, with
         log p_{t_0}(x) = prior_logp + delta_logp; z (B, C, H, W) float32, the end point x_T of the ODE.
     """
     check_choice("hutchinson", hutchinson, HUTCHINSON_PROBES)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 2:
-        raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    check_int("num_steps", num_steps, 2)
     sampler = ProbabilityFlowSampler(process)
     sde = sampler.sde
     rng = np.random.default_rng(seed)
@@ -223,7 +227,7 @@ def ode_bpd(process, model, x_start, num_steps=ODE_STEPS, hutchinson="rademacher
     # every objective): f~ = a x + b F(x, t). a and b are read off the sampler's `drift`, so this is the ODE it
     # solves, and enter as tensors, so graph mode compiles the gradient once for all levels.
     def weighted_sum(x, t, a, b, probe):
-        output = model(x, t)
+        output = call_network(model, x, t, cond)
         return ((a * x + b * output) * probe).sum(), output
 
     vjp_and_output = ms.grad(weighted_sum, grad_position=0, has_aux=True)

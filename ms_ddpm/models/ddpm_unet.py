@@ -18,7 +18,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from .embeddings import timestep_embedding
+from ..utils import check_int
+from .embeddings import add_class_embedding, class_embedding_table, timestep_embedding
 from .normalization import GroupNorm
 
 __all__ = ["DDPMUNet", "convert_diffusers_state_dict", "load_diffusers_weights"]
@@ -226,14 +227,20 @@ class DDPMUNet(nn.Cell):
         image_size: training resolution; fixes which levels `attn_resolutions` selects.
         dropout: dropout rate inside the ResNet blocks (0.1 for CIFAR-10 in the paper).
         num_groups, eps: GroupNorm groups and epsilon.
+        num_class_embeds: None (unconditional), or the rows K of a learned class embedding added to the time
+            embedding: diffusers' ``UNet2DModel(num_class_embeds=K)`` with ``class_embed_type=None``, weights
+            ``class_embedding``. Classifier-free guidance needs a null row: K = classes + 1, the last row null.
 
-    construct(x, t): x (B, in_channels, H, W) with H and W multiples of ``2**(len(ch_mult) - 1)``, t (B,) integer
-    timesteps -> (B, out_channels, H, W).
+    construct(x, t, cond=None): x (B, in_channels, H, W) with H and W multiples of ``2**(len(ch_mult) - 1)``, t (B,)
+    integer timesteps, cond (B,) int32 labels in [0, K) (required when num_class_embeds is set, refused otherwise)
+    -> (B, out_channels, H, W).
     """
 
     def __init__(self, in_channels=3, out_channels=None, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(16,), image_size=32, dropout=0.1, num_groups=32, eps=1e-6):
+                 attn_resolutions=(16,), image_size=32, dropout=0.1, num_groups=32, eps=1e-6, num_class_embeds=None):
         super().__init__()
+        if num_class_embeds is not None:
+            num_class_embeds = check_int("num_class_embeds", num_class_embeds, 1)
         if len(ch_mult) < 1:
             raise ValueError("DDPMUNet: ch_mult needs at least one level, e.g. (1, 2, 2, 2).")
         num_levels = len(ch_mult)
@@ -260,6 +267,9 @@ class DDPMUNet(nn.Cell):
 
         self.conv_in = _conv3x3(in_channels, widths[0])
         self.time_embedding = TimestepEmbedding(ch, temb_channels)
+        self.num_class_embeds = num_class_embeds
+        self.class_embedding = (None if num_class_embeds is None
+                                else class_embedding_table(num_class_embeds, temb_channels))
 
         down_blocks = []
         for level in range(num_levels):
@@ -286,14 +296,16 @@ class DDPMUNet(nn.Cell):
         self.conv_norm_out = GroupNorm(num_groups, widths[0], eps=eps)
         self.conv_out = _conv3x3(widths[0], out_channels)
 
-    def construct(self, x, t):
-        """x (B, C, H, W), t (B,) timesteps -> epsilon prediction (B, out_channels, H, W)."""
+    def construct(self, x, t, cond=None):
+        """x (B, C, H, W), t (B,) timesteps, cond (B,) class labels or None -> epsilon prediction
+        (B, out_channels, H, W)."""
         if x.shape[-2] % self.size_multiple != 0 or x.shape[-1] % self.size_multiple != 0:
             raise ValueError(
                 f"DDPMUNet: input height and width must be multiples of {self.size_multiple}, got {x.shape[-2:]}."
             )
         # freq_shift 1 and sin-before-cos: the DDPM/TF ordering used by the google/ddpm-* checkpoints.
         temb = self.time_embedding(timestep_embedding(t, self.ch, flip_sin_to_cos=False, downscale_freq_shift=1))
+        temb = add_class_embedding(temb, self.class_embedding, cond, "DDPMUNet", "num_class_embeds")
 
         h = self.conv_in(x)
         skips = (h,)
@@ -318,6 +330,8 @@ _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "pro
 # (norm1-3) of Transformer2DModel; MindSpore calls their affine parameters gamma/beta.
 _NORM_MODULES = ("norm", "norm1", "norm2", "norm3", "group_norm", "conv_norm_out")
 _NORM_PARAMS = {"weight": "gamma", "bias": "beta"}
+# torch.nn.Embedding's table is `weight`, MindSpore's nn.Embedding's `embedding_table`.
+_EMBEDDING_PARAMS = {"class_embedding.weight": "class_embedding.embedding_table"}
 
 
 def convert_diffusers_state_dict(state_dict):
@@ -325,11 +339,14 @@ def convert_diffusers_state_dict(state_dict):
 
     Serves every network here that carries diffusers' module names: DDPMUNet (UNet2DModel), AutoencoderKL and the
     transformer blocks. Accepts both the current attention names (to_q/to_k/to_v/to_out.0) and the legacy ones
-    (query/key/value/proj_attn); names already in MindSpore form pass through unchanged. Shapes are unchanged: torch
-    and MindSpore share the (out, in[, kh, kw]) layout.
+    (query/key/value/proj_attn), and a class embedding (`class_embedding.weight`); names already in MindSpore form
+    pass through unchanged. Shapes are unchanged: torch and MindSpore share the (out, in[, kh, kw]) layout.
     """
     converted = {}
     for name, value in state_dict.items():
+        if name in _EMBEDDING_PARAMS:
+            converted[_EMBEDDING_PARAMS[name]] = np.asarray(value)
+            continue
         module, _, param = name.rpartition(".")
         parent, _, leaf = module.rpartition(".")
         if leaf in _LEGACY_ATTENTION_NAMES:

@@ -1,9 +1,11 @@
-"""Sinusoidal timestep embedding shared by every network in `ms_ddpm.models`."""
+"""Embeddings shared by every network in `ms_ddpm.models`: the sinusoidal timestep embedding, and the class
+embedding that conditions a network through its time embedding."""
 import math
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
+from mindspore.common.initializer import Normal
 
 
 def timestep_embedding(timesteps, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0, max_period=10000.0):
@@ -44,3 +46,27 @@ class SinusoidalPositionEmbeddings(nn.Cell):
 
     def construct(self, timesteps):
         return timestep_embedding(timesteps, self.dim, self.flip_sin_to_cos, self.downscale_freq_shift)
+
+
+def class_embedding_table(num_rows, dim):
+    """A learned (num_rows, dim) class embedding initialised N(0, 1), as torch.nn.Embedding is in diffusers'
+    `UNet2DModel` and lucidrains' guided U-Net. MindSpore's default, N(0, 0.01), starts the label's contribution a
+    hundred times smaller than that and left it small: after 650 steps of configs/unet_mnist5k_cond_cpu.yaml the
+    rows' norms were 0.1 to 0.45 and the grids showed no class."""
+    return nn.Embedding(num_rows, dim, embedding_table=Normal(1.0))
+
+
+def add_class_embedding(temb, class_embedding, cond, network, argument):
+    """temb + class_embedding(cond): the label conditions the network wherever the time does (diffusers'
+    `UNet2DModel` with class_embed_type None; the annotated U-Net likewise). A network built without a class
+    embedding (`class_embedding` None) refuses labels, one built with one requires them; `network` and `argument`
+    (the constructor argument that adds the embedding) name them in the message."""
+    if class_embedding is None:
+        if cond is not None:
+            raise ValueError(f"{network}: this network is unconditional (built without {argument}): it takes no "
+                             "class labels (cond)")
+        return temb
+    if cond is None:
+        raise ValueError(f"{network}: this network is class-conditional ({argument}): pass cond, (B,) int32 class "
+                         "labels")
+    return temb + class_embedding(cond)

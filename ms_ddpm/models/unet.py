@@ -10,8 +10,8 @@ one of `embeddings.py` followed by an MLP. Layer names follow the tutorial, so w
 import mindspore as ms
 from mindspore import nn, ops
 
-from ..utils import check_choice
-from .embeddings import SinusoidalPositionEmbeddings
+from ..utils import check_choice, check_int
+from .embeddings import SinusoidalPositionEmbeddings, add_class_embedding, class_embedding_table
 from .normalization import GroupNorm
 
 BLOCK_TYPES = ("resnet", "convnext")
@@ -254,14 +254,20 @@ class Unet(nn.Cell):
         resnet_block_groups: GroupNorm groups in ResNet blocks; every level's width must be divisible by it.
         heads, dim_head: attention heads and width per head (linear and full attention).
         dropout: dropout probability inside each block.
+        num_classes: None (unconditional), or the number N of classes of a class-conditional network: a learned
+            embedding of N + 1 rows (row N is the null label, the unconditional branch of classifier-free guidance,
+            Ho & Salimans 2021) is added to the time embedding, so the label conditions every block as the time does.
 
-    construct(x, t): x (B, channels, H, W) float, t (B,) timesteps -> (B, out_dim, H, W).
+    construct(x, t, cond=None): x (B, channels, H, W) float, t (B,) timesteps, cond (B,) int32 labels in [0, N]
+    (class-conditional networks only, and required there) -> (B, out_dim, H, W).
     """
 
     def __init__(self, dim, dim_mults=(1, 2, 4, 8), channels=3, init_dim=None, out_dim=None, block_type="resnet",
-                 resnet_block_groups=4, heads=4, dim_head=32, dropout=0.0):
+                 resnet_block_groups=4, heads=4, dim_head=32, dropout=0.0, num_classes=None):
         super().__init__()
         check_choice("block_type", block_type, BLOCK_TYPES)
+        if num_classes is not None:
+            num_classes = check_int("num_classes", num_classes, 1)
         self.channels = channels
         self.downsample_factor = 2 ** (len(dim_mults) - 1)
         init_dim = init_dim or dim
@@ -282,6 +288,9 @@ class Unet(nn.Cell):
             nn.GELU(approximate=False),
             nn.Dense(time_dim, time_dim),
         )
+        #: rows of the class embedding: the N classes and the null label (None: unconditional)
+        self.num_class_embeds = None if num_classes is None else num_classes + 1
+        self.class_embedding = None if num_classes is None else class_embedding_table(num_classes + 1, time_dim)
         dims = [init_dim] + [dim * m for m in dim_mults]
         in_out = list(zip(dims[:-1], dims[1:]))
         downs = []
@@ -306,7 +315,7 @@ class Unet(nn.Cell):
         self.final_res_block = block(init_dim * 2, dim)
         self.final_conv = conv2d(dim, self.out_dim, 1)
 
-    def construct(self, x, time):
+    def construct(self, x, time, cond=None):
         if x.shape[-2] % self.downsample_factor != 0 or x.shape[-1] % self.downsample_factor != 0:
             raise ValueError(
                 f"Unet: image size {x.shape[-2]}x{x.shape[-1]} cannot be halved {len(self.downs) - 1} times; "
@@ -314,7 +323,7 @@ class Unet(nn.Cell):
             )
         x = self.init_conv(x)
         r = x
-        t = self.time_mlp(time)
+        t = add_class_embedding(self.time_mlp(time), self.class_embedding, cond, "Unet", "num_classes")
         skips = []
         for level in self.downs:
             x = level.block1(x, t)

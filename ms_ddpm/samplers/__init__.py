@@ -1,16 +1,16 @@
 """Samplers of the reverse process, all with the interface of `Sampler`."""
+from ..schedules import spaced_timesteps
 from ..utils import check_choice
-from .base import Sampler, SamplerOutput, spaced_timesteps
+from .base import Sampler, SamplerOutput
 from .ddim import DDIMSampler
 from .ddpm import DDPMSampler
 from .dpm_solver import DPMSolverSampler
-from .ncsn import AnnealedLangevinSampler, NCSNLoss, geometric_sigmas
-from .sde import (VESDE, VPSDE, EulerMaruyamaSampler, PredictorCorrectorSampler, ProbabilityFlowSampler, SubVPSDE,
-                  ScoreSDESampler)
+from .langevin import AnnealedLangevinSampler
+from .score_sde import EulerMaruyamaSampler, PredictorCorrectorSampler, ProbabilityFlowSampler, ScoreSDESampler
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
 # score-based and fast samplers. Their first argument: a GaussianDiffusion, or for the SDE samplers any SDE
-# (VPSDE / SubVPSDE / VESDE), and for "ald" the noise levels (a sigma array or a VESDE)
+# (VPSDE / SubVPSDE / VESDE), and for "ald" the noise levels (a NoiseLevels or VESDE, or a sigma array)
 SAMPLERS.update({
     "euler_maruyama": EulerMaruyamaSampler,
     "pc": PredictorCorrectorSampler,
@@ -26,13 +26,12 @@ DIFFUSION_SAMPLERS = tuple(name for name in SAMPLERS if name != "ald")
 NCSN_SAMPLERS = ("ald", "euler_maruyama", "pc", "ode")
 
 
-def create_sampler(name, diffusion, **kwargs):
-    """Build a sampler by name (one of SAMPLERS) for `diffusion` (for "ald": the noise levels); kwargs go to its
-    constructor."""
-    return SAMPLERS[check_choice("sampler", name, SAMPLERS)](diffusion, **kwargs)
+def create_sampler(name, process, **kwargs):
+    """Build a sampler by name (one of SAMPLERS) for `process` (see `ms_ddpm.processes`; for "ald": the noise
+    levels); kwargs go to its constructor."""
+    return SAMPLERS[check_choice("sampler", name, SAMPLERS)](process, **kwargs)
 
 
-__all__ = ["Sampler", "SamplerOutput", "spaced_timesteps", "DDPMSampler", "DDIMSampler", "SAMPLERS", "DIFFUSION_SAMPLERS",
-           "NCSN_SAMPLERS", "create_sampler",
-           "DPMSolverSampler", "EulerMaruyamaSampler", "PredictorCorrectorSampler", "ProbabilityFlowSampler",
-           "ScoreSDESampler", "VPSDE", "SubVPSDE", "VESDE", "AnnealedLangevinSampler", "NCSNLoss", "geometric_sigmas"]
+__all__ = ["Sampler", "SamplerOutput", "spaced_timesteps", "DDPMSampler", "DDIMSampler", "SAMPLERS",
+           "DIFFUSION_SAMPLERS", "NCSN_SAMPLERS", "create_sampler", "DPMSolverSampler", "EulerMaruyamaSampler",
+           "PredictorCorrectorSampler", "ProbabilityFlowSampler", "ScoreSDESampler", "AnnealedLangevinSampler"]

@@ -1,7 +1,8 @@
 """The interface every sampler shares, in the convention of diffusers' schedulers.
 
 A sampler never owns the network: `step(model_output, timestep, sample, noise)` maps x_t to x_prev from tensors
-alone, and `sample_progressive` is the short loop that calls the network and `step` in turn.
+alone, and `sample_progressive` is the short loop that calls the network and `step` in turn. The network may be
+conditioned (`cond`, e.g. class labels) and guided (`ms_ddpm.guidance`); the loop hands the condition through.
 """
 from dataclasses import dataclass
 
@@ -10,10 +11,10 @@ import numpy as np
 from mindspore import nn, ops
 from tqdm.auto import tqdm
 
-from ..diffusion import predict_x0
+from ..models import call_network
+from ..processes import predict_x0
+from ..schedules import TIMESTEP_SPACINGS, spaced_timesteps
 from ..utils import check_choice
-
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclass
@@ -24,27 +25,6 @@ class SamplerOutput:
     pred_original_sample: ms.Tensor
 
 
-def spaced_timesteps(num_train_timesteps, num_inference_steps, spacing):
-    """Descending integer timesteps; spacings as Table 2 of Lin et al. 2024 ("Common Diffusion Noise Schedules and
-    Sample Steps are Flawed") and diffusers:
-        leading:  0, k, 2k, ... with k = T // N (DDIM paper's uniform skip; never visits t = T-1 when N < T)
-        trailing: T-1, T-1-T/N, ... rounded (always starts from the noisiest step)
-        linspace: round(linspace(0, T-1, N))
-    """
-    check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
-    if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= num_train_timesteps:
-        raise ValueError(
-            f"num_inference_steps must be an integer from 1 to the {num_train_timesteps} training timesteps, "
-            f"got {num_inference_steps!r}"
-        )
-    if spacing == "leading":
-        steps = np.arange(num_inference_steps) * (num_train_timesteps // num_inference_steps)
-        return steps[::-1].astype(np.int64)
-    if spacing == "trailing":
-        return np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_inference_steps)).astype(np.int64) - 1
-    return np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1].astype(np.int64)
-
-
 class FusedStep(nn.Cell):
     """One sampling step as one Cell: the network call and the sampler's `update`, so that graph mode compiles the
     whole step into a single graph launched once per step, instead of the compiled network followed by the update's
@@ -52,36 +32,43 @@ class FusedStep(nn.Cell):
 
     For samplers that split `step` into host-side `coefficients(timestep)` (Python floats) and tensor-side
     `update(model_output, sample, noise, *coefficients)`; the coefficients enter as 0-d tensors, so one graph
-    serves every timestep.
+    serves every timestep. With a guided model (`ms_ddpm.guidance.ClassifierFreeGuidance`) the graph holds both
+    branches' network call on the doubled batch.
     """
 
     def __init__(self, model, sampler):
-        super().__init__()
+        # auto_prefix=False: wrapping must not rename the network's parameters ("model.<name>"), which would no
+        # longer match its checkpoints
+        super().__init__(auto_prefix=False)
         self.model = model
         self.sampler = sampler
 
-    def construct(self, x, t, coefficients, noise=None):
-        return self.sampler.update(self.model(x, t), x, noise, *coefficients)
+    def construct(self, x, t, coefficients, noise=None, cond=None):
+        return self.sampler.update(call_network(self.model, x, t, cond), x, noise, *coefficients)
 
 
 class Sampler:
     """Base class: timesteps, forward noising, and the sampling loop. Subclasses implement `step`.
 
     Args:
-        diffusion: a `GaussianDiffusion`, whose tables and objective the sampler uses.
+        process: the noise process the network was trained on (`ms_ddpm.processes`). The base class reads the
+            interface every process offers: `num_timesteps`, `prior_std` and `clip_denoised` (and `objective` for
+            the conversions of `predicted_x0`); the DDPM-family samplers also its `alphas_cumprod`.
         timestep_spacing: how `set_timesteps` picks a subset of the training timesteps (see `spaced_timesteps`).
+        num_inference_steps: the first `set_timesteps` argument; None: every training timestep.
     """
 
     #: whether `step` uses fresh noise (the loop then draws it from its seeded generator)
     stochastic = True
-    #: standard deviation of x_T ~ N(0, init_noise_sigma^2 I): 1 for VP chains, sigma_max for VE / NCSN
-    init_noise_sigma = 1.0
 
-    def __init__(self, diffusion, timestep_spacing="leading"):
-        self.diffusion = diffusion
-        self.num_train_timesteps = diffusion.num_timesteps
+    def __init__(self, process, timestep_spacing="leading", num_inference_steps=None):
+        self.process = process
+        self.num_train_timesteps = process.num_timesteps
+        #: standard deviation of x_T ~ N(0, init_noise_sigma^2 I): 1 for VP chains, sigma_max for VE / NCSN
+        self.init_noise_sigma = float(process.prior_std)
         self.timestep_spacing = check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self.set_timesteps(self.num_train_timesteps)
+        self._step_index = 0  # samplers whose step depends on the call order (PC, Heun, multistep, ALD) count calls
+        self.set_timesteps(self.num_train_timesteps if num_inference_steps is None else num_inference_steps)
 
     def set_timesteps(self, num_inference_steps):
         """Choose the (descending) timesteps the loop visits; sets `self.timesteps` and `self.num_inference_steps`."""
@@ -95,45 +82,46 @@ class Sampler:
 
     def alpha_bar(self, timestep):
         """alpha_bar at an integer timestep, with alpha_bar = 1 at timestep -1 (x_0 itself)."""
-        return float(self.diffusion.alphas_cumprod[timestep]) if timestep >= 0 else 1.0
+        return float(self.process.alphas_cumprod[timestep]) if timestep >= 0 else 1.0
 
     def add_noise(self, original_samples, noise, timesteps):
         """x_t ~ q(x_t | x_0) (Ho et al. Eq. 4) for a (B,) int tensor of timesteps."""
-        return self.diffusion.q_sample(original_samples, timesteps, noise)
+        return self.process.q_sample(original_samples, timesteps, noise)
 
     def step(self, model_output, timestep, sample, noise=None):
         """One reverse step from x_t (`sample`) at integer `timestep`; returns a SamplerOutput."""
         raise NotImplementedError
 
     def predicted_x0(self, model_output, sample, alpha_bar):
-        """x_0 implied by the network output, clipped to [-1, 1] when the diffusion says so."""
-        x0 = predict_x0(self.diffusion.objective, model_output, sample, alpha_bar)
-        return ops.clamp(x0, -1.0, 1.0) if self.diffusion.clip_denoised else x0
+        """x_0 implied by the network output, clipped to [-1, 1] when the process says so."""
+        x0 = predict_x0(self.process.objective, model_output, sample, alpha_bar)
+        return ops.clamp(x0, -1.0, 1.0) if self.process.clip_denoised else x0
 
-    def sample_progressive(self, model, shape, seed=None, x_T=None, progress=True):
+    def sample_progressive(self, model, shape, seed=None, x_T=None, progress=True, cond=None):
         """Run the reverse chain, yielding a SamplerOutput after every step.
 
         Args:
-            model: callable (x (B, C, H, W) float32, t (B,) int32) -> network output of x's shape.
+            model: callable (x (B, C, H, W) float32, t (B,) int32[, cond]) -> network output of x's shape.
             shape: (B, C, H, W) of the samples.
             seed: seeds the NumPy generator that draws x_T and the per-step noise, so a seed fixes the samples.
             x_T: optional starting noise (overrides the one drawn from `seed`).
             progress: show a tqdm progress bar.
+            cond: the condition handed to every network call, e.g. (B,) int32 class labels; None: `model(x, t)`.
         """
         rng = np.random.default_rng(seed)
         if x_T is None:
             x_T = ms.Tensor(rng.standard_normal(shape, dtype=np.float32) * np.float32(self.init_noise_sigma))
         x = x_T
-        self._step_index = 0  # samplers whose step depends on the call order (PC, Heun, multistep) count calls
+        self._step_index = 0
         fused = self._fused_step(model)
         for timestep in tqdm(self.timesteps, desc=type(self).__name__, disable=not progress, leave=False):
             t = ms.Tensor(np.full((shape[0],), timestep, dtype=np.int32))
             noise = ms.Tensor(rng.standard_normal(shape, dtype=np.float32)) if self.stochastic else None
             if fused is None:
-                out = self.step(model(x, t), int(timestep), x, noise)
+                out = self.step(call_network(model, x, t, cond), int(timestep), x, noise)
             else:
                 coefficients = ms.mutable(tuple(ms.Tensor(np.float32(c)) for c in self.coefficients(int(timestep))))
-                out = SamplerOutput(*fused(x, t, coefficients, noise))
+                out = SamplerOutput(*fused(x, t, coefficients, noise, cond))
             x = out.prev_sample
             yield out
 
@@ -147,9 +135,9 @@ class Sampler:
             self._fused = FusedStep(model, self)
         return self._fused
 
-    def sample(self, model, shape, seed=None, x_T=None, progress=True):
+    def sample(self, model, shape, seed=None, x_T=None, progress=True, cond=None):
         """Draw samples (B, C, H, W) as a float32 tensor, nominally in [-1, 1]; see `sample_progressive`."""
         out = None
-        for out in self.sample_progressive(model, shape, seed=seed, x_T=x_T, progress=progress):
+        for out in self.sample_progressive(model, shape, seed=seed, x_T=x_T, progress=progress, cond=cond):
             pass
         return out.prev_sample

@@ -2,7 +2,7 @@
 import numpy as np
 from mindspore import ops
 
-from ..diffusion import q_posterior_coefficients
+from ..processes import q_posterior_coefficients
 from .base import Sampler, SamplerOutput
 
 
@@ -20,7 +20,7 @@ class DDPMSampler(Sampler):
         alpha_bar_t, alpha_bar_prev = self.alpha_bar(timestep), self.alpha_bar(prev)
         coef_x0, coef_xt, beta_tilde, beta = q_posterior_coefficients(alpha_bar_t, alpha_bar_prev)
         # sigma_t of Algorithm 2, line 4; no noise on the final step to x_0
-        variance = beta_tilde if self.diffusion.variance_type == "fixed_small" else beta
+        variance = beta_tilde if self.process.variance_type == "fixed_small" else beta
         sigma = float(np.sqrt(max(variance, 1e-20))) if timestep > 0 else 0.0
         return alpha_bar_t, float(coef_x0), float(coef_xt), sigma
 

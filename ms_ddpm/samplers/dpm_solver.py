@@ -25,8 +25,9 @@ N > T / 2) are dropped instead of giving a zero-length step.
 """
 import numpy as np
 
+from ..schedules import TIMESTEP_SPACINGS
 from ..utils import check_choice
-from .base import TIMESTEP_SPACINGS, Sampler, SamplerOutput
+from .base import Sampler, SamplerOutput
 
 
 def dpm_solver_timesteps(num_train_timesteps, num_inference_steps, spacing):

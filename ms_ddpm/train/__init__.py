@@ -1,1 +1,1 @@
-"""Training: the compiled train step, EMA, learning-rate schedule, checkpoints, data-parallel setup, the trainer."""
+"""Training: the compiled train step, EMA, learning-rate schedule, data-parallel setup, the trainer."""

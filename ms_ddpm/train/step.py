@@ -14,14 +14,15 @@ def global_norm(grads):
 
 
 class TrainStep:
-    """Callable `(x_start, t, noise, update) -> (loss, finite, grad_norm)`.
+    """Callable `(x_start, t, noise, update, cond) -> (loss, finite, grad_norm)`.
 
     With `grad_accumulation` > 1, gradients of successive calls are summed in buffers, and the call with
     `update=True` applies their mean; `update` is a Python bool, so graph mode compiles one graph for each value.
     `grad_reducer` averages gradients across data-parallel ranks (identity on one device).
 
     Args:
-        loss_fn: Cell (x_start, t, noise) -> scalar loss (a `DiffusionLoss`, or an `NCSNLoss` with level indices as t).
+        loss_fn: Cell (x_start, t, noise, cond) -> scalar loss (a `DiffusionLoss`, or an `NCSNLoss` with level
+            indices as t); cond is the network's condition (class labels) or None.
         optimizer: a MindSpore optimizer over the trainable parameters.
         loss_scaler: `amp.DynamicLossScaler` or `amp.StaticLossScaler` (scale 1 for no scaling).
         grad_clip: global-norm bound, 0 to disable.
@@ -51,12 +52,12 @@ class TrainStep:
         self.grad_fn = ms.value_and_grad(self._forward, None, self.weights, has_aux=True)
         self._step = ms.jit(self._step_impl) if jit else self._step_impl
 
-    def _forward(self, x_start, t, noise):
-        loss = self.loss_fn(x_start, t, noise)
+    def _forward(self, x_start, t, noise, cond):
+        loss = self.loss_fn(x_start, t, noise, cond)
         return self.loss_scaler.scale(loss), loss
 
-    def _step_impl(self, x_start, t, noise, update):
-        (_, loss), grads = self.grad_fn(x_start, t, noise)
+    def _step_impl(self, x_start, t, noise, cond, update):
+        (_, loss), grads = self.grad_fn(x_start, t, noise, cond)
         grads = self.loss_scaler.unscale(self.grad_reducer(grads))
         if self.grad_accumulation > 1:
             for acc, g in zip(self.accumulated, grads):
@@ -77,8 +78,8 @@ class TrainStep:
         self.loss_scaler.adjust(finite)
         return loss, finite, norm
 
-    def __call__(self, x_start, t, noise, update=True):
-        return self._step(x_start, t, noise, update)
+    def __call__(self, x_start, t, noise, update=True, cond=None):
+        return self._step(x_start, t, noise, cond, update)
 
     def state_parameters(self):
         """Parameters that must be checkpointed besides the model's: optimizer moments and step, scaler state.

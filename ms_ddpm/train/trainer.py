@@ -4,11 +4,17 @@ Two processes (`diffusion.process`): "ddpm" trains the network on a `GaussianDif
 (Ho et al. 2020); "ncsn" trains a noise-conditional score network with `NCSNLoss` on L geometric noise levels (Song &
 Ermon 2019), the network's "timestep" input being the level index, and samples it with annealed Langevin dynamics.
 
-Reproducibility: weights come from `ms.set_seed(seed)`; the timesteps (NCSN: level indices) and noise of optimizer
-step s, micro-batch m on rank r from the NumPy generator seeded with (seed, r, s, m); the data order of epoch e from
-the dataset seed `seed + e`. The random state is thus a function of (seed, rank, step), all in the checkpoint, and
-a resumed run continues exactly as the uninterrupted run would (tested) on every rank, except for dropout masks and
-random flips, whose MindSpore-side generator state is not exposed.
+Class conditioning: a class-conditional model (`model.kwargs.num_classes` for the U-Net) trains on the data's labels,
+whose class names go into the run's config (`data.class_names`) and so into every checkpoint; with
+`diffusion.cond_drop_prob` > 0 a label is replaced by the null label with that probability (classifier-free guidance,
+Ho & Salimans 2021, Algorithm 1), so the same network learns the unconditional model too.
+
+Reproducibility: weights come from `ms.set_seed(seed)`; the timesteps (NCSN: level indices), noise and dropped
+labels of optimizer step s, micro-batch m on rank r from the NumPy generator seeded with (seed, r, s, m)
+(`step_randomness`); the data order of epoch e from the dataset seed `seed + e`. The random state is thus a function
+of (seed, rank, step), all in the checkpoint, and a resumed run continues exactly as the uninterrupted run would
+(tested) on every rank, except for dropout masks and random flips, whose MindSpore-side generator state is not
+exposed.
 """
 import hashlib
 import json
@@ -23,16 +29,16 @@ import yaml
 from mindspore import amp, nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError
 from ..data import create_dataset
-from ..diffusion import GaussianDiffusion
-from ..losses import DiffusionLoss
+from ..losses import DiffusionLoss, NCSNLoss
 from ..models import create_model
-from ..samplers import DIFFUSION_SAMPLERS, NCSN_SAMPLERS, VESDE, NCSNLoss, create_sampler
-from ..schedules import get_beta_schedule
+from ..pipeline import DiffusionPipeline, build_sampler, check_class_rows
+from ..processes import create_process
+from ..runtime import set_runtime
 from ..utils import check_choice
 from ..visualize import save_image_grid
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import EMA
 from .lr_schedule import warmup_cosine_lr
 from .step import TrainStep
@@ -45,78 +51,6 @@ RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "save_every", "keep_chec
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a loss that stays non-finite); the message says what to change."""
-
-
-def set_runtime(train_cfg):
-    """Device and execution mode; bfloat16 is refused where MindSpore has no kernels for it."""
-    check_choice("train.device", train_cfg.device, ("CPU", "GPU", "Ascend"))
-    check_choice("train.mode", train_cfg.mode, ("graph", "pynative"))
-    check_choice("train.amp_level", train_cfg.amp_level, ("O0", "O1", "O2", "O3"))
-    check_choice("train.amp_dtype", train_cfg.amp_dtype, ("float16", "bfloat16"))
-    if train_cfg.device == "CPU" and train_cfg.amp_level != "O0" and train_cfg.amp_dtype == "bfloat16":
-        raise ConfigError(
-            "bfloat16 mixed precision is for Ascend and GPU: MindSpore's CPU backend has no bfloat16 Conv2D or "
-            "MatMul kernel. On CPU use train.amp_dtype=float16 or train.amp_level=O0."
-        )
-    if ms.get_context("device_target") != train_cfg.device:  # set_device may run once, before any kernel
-        ms.set_device(train_cfg.device)
-    ms.set_context(mode=ms.GRAPH_MODE if train_cfg.mode == "graph" else ms.PYNATIVE_MODE)
-
-
-def build_diffusion(cfg):
-    """The noise process of `cfg.diffusion`: a `GaussianDiffusion` for "ddpm"; for "ncsn" the `VESDE` whose L
-    discrete levels are NCSN's geometric sigmas, largest first (`.sigmas`), the levels both `NCSNLoss` and the NCSN
-    samplers take."""
-    d = cfg.diffusion
-    if d.process == "ncsn":
-        return VESDE(d.sigma_min, d.sigma_max, d.num_noise_levels)
-    betas = get_beta_schedule(d.beta_schedule, d.num_timesteps, d.beta_start, d.beta_end)
-    return GaussianDiffusion(betas, objective=d.objective, variance_type=d.variance_type)
-
-
-def default_sampler(cfg):
-    """The sampler `ms-ddpm sample` and `evaluate` use unless told: DDIM for a DDPM, annealed Langevin for an NCSN."""
-    return "ald" if cfg.diffusion.process == "ncsn" else "ddim"
-
-
-def build_sampler(cfg, name, process, **kwargs):
-    """Sampler `name` for a network trained with `cfg`, on `process` (its `build_diffusion`); kwargs go to the
-    sampler's constructor. Samplers of the other process are refused; "ald" takes the config's Langevin step size."""
-    valid = NCSN_SAMPLERS if cfg.diffusion.process == "ncsn" else DIFFUSION_SAMPLERS
-    if name not in valid:
-        raise ConfigError(f"sampler {name!r} does not sample a network of diffusion.process "
-                          f"{cfg.diffusion.process!r}; use one of {list(valid)}")
-    if name == "ald":
-        kwargs["step_lr"] = cfg.diffusion.langevin_step_lr
-    return create_sampler(name, process, **kwargs)
-
-
-def build_model(cfg):
-    """The network of `cfg.model`, in float32 (mixed precision is applied by the trainer)."""
-    return create_model(cfg.model.name, **cfg.model.kwargs)
-
-
-def load_trained_model(path, mode="graph", device="CPU", use_ema=True):
-    """Rebuild a trained network from a checkpoint alone (its stored config), for sampling and evaluation.
-
-    Returns (config, network in inference mode, process, step, "ema" or "raw"): the process is `build_diffusion`'s
-    (a GaussianDiffusion, or for an NCSN the VESDE of its noise levels), for `build_sampler`; the weights are the EMA
-    weights when `use_ema` and the checkpoint has them, else the raw weights.
-    """
-    state = load_checkpoint(path)
-    cfg = Config.from_dict(yaml.safe_load(state["config"]))
-    cfg.train.mode, cfg.train.device = mode, device
-    set_runtime(cfg.train)
-    net = build_model(cfg)
-    names = [p.name for p in net.trainable_params()]
-    kind = "ema" if use_ema and all("ema." + n in state for n in names) else "raw"
-    prefix = "ema." if kind == "ema" else ""
-    missing = [n for n in names if prefix + n not in state]
-    if missing:
-        raise CheckpointError(f"{path} lacks weights for {missing[:3]}...: it does not match its own config")
-    ms.load_param_into_net(net, {n: ms.Parameter(state[prefix + n].value(), name=n) for n in names}, strict_load=True)
-    net.set_train(False)
-    return cfg, net, build_diffusion(cfg), state["step"], kind
 
 
 def build_loss_scaler(t):
@@ -146,6 +80,23 @@ def check_resumable(saved_yaml, cfg):
                           + ". Use the checkpoint's config (config.yaml in the run folder) or a new output_dir.")
 
 
+def step_randomness(seed, rank, step, micro, shape, num_labels, labels=None, drop_prob=0.0, null_label=None):
+    """The random inputs of one micro-batch, from the NumPy generator seeded with (seed, rank, step, micro):
+
+    t (B,) int32 uniform in [0, num_labels) (Ho et al. 2020, Algorithm 1; NCSN: the level indices), noise
+    (B, C, H, W) float32 standard normal, and, for class labels (B,), the condition: each label replaced by
+    `null_label` with probability `drop_prob` (Ho & Salimans 2021, Algorithm 1), else None. Drawn in this order,
+    so unconditional runs draw exactly what they drew before conditioning existed.
+    """
+    rng = np.random.default_rng([seed, rank, step, micro])
+    t = rng.integers(0, num_labels, shape[0]).astype(np.int32)
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    if labels is None:
+        return t, noise, None
+    drop = rng.random(shape[0]) < drop_prob
+    return t, noise, np.where(drop, null_label, labels).astype(np.int32)
+
+
 class Trainer:
     """Builds a run from a Config and trains it; `train()` returns the final loss.
 
@@ -162,24 +113,31 @@ class Trainer:
             raise ConfigError("train.steps, train.batch_size and train.grad_accumulation must be >= 1")
         self.output_dir = Path(t.output_dir)
         ms.set_seed(t.seed)
-        self.diffusion = build_diffusion(cfg)
-        self.model = build_model(cfg)
+        self.process = create_process(cfg.diffusion)
+        self.model = create_model(cfg.model.name, **cfg.model.kwargs)
+        self.conditional = self.model.num_class_embeds is not None
+        if self.conditional:
+            self._take_class_names()
+        check_class_rows(self.model, cfg)
+        # the null label is the row after the classes (Unet(num_classes=N): row N); used only with label dropout
+        self.null_label = len(cfg.data.class_names) if self.conditional else None
         if t.amp_level != "O0":
             amp.auto_mixed_precision(self.model, t.amp_level, getattr(ms, t.amp_dtype))
         d = cfg.diffusion
         if d.process == "ncsn":
-            self.loss_fn = NCSNLoss(self.model, self.diffusion.sigmas)
-            self.num_labels = self.diffusion.N  # level indices i, uniform as the expectation over i of Eq. 6
+            self.loss_fn = NCSNLoss(self.model, self.process.sigmas)
+            self.num_labels = self.process.num_timesteps  # level indices i, uniform as the expectation over i of Eq. 6
         else:
-            self.loss_fn = DiffusionLoss(self.model, self.diffusion, d.loss_type, d.loss_weighting, d.p2_gamma,
+            self.loss_fn = DiffusionLoss(self.model, self.process, d.loss_type, d.loss_weighting, d.p2_gamma,
                                          d.p2_k, d.min_snr_gamma)
-            self.num_labels = self.diffusion.num_timesteps  # timesteps t, uniform as in Algorithm 1 of Ho et al.
+            self.num_labels = self.process.num_timesteps  # timesteps t, uniform as in Algorithm 1 of Ho et al.
         # built now, so a sampler that does not fit the process or a bad step count fails before training
         try:
-            self.grid_sampler = build_sampler(cfg, t.sampler, self.diffusion)
+            self.grid_sampler = build_sampler(cfg, self.process, t.sampler)
             self.grid_sampler.set_timesteps(t.sample_steps)
         except ValueError as err:  # ConfigError included
             raise ConfigError(f"train.sampler={t.sampler!r}, train.sample_steps={t.sample_steps!r}: {err}") from None
+        self.grid_pipeline = None  # the sampling network, built at the first grid and reused for every later one
         self.lr_values = warmup_cosine_lr(t.lr, t.steps, t.warmup_steps, t.min_lr, t.lr_schedule)
         self.optimizer = build_optimizer(t, self.model.trainable_params(), self.lr_values)
         reducer = None
@@ -192,6 +150,24 @@ class Trainer:
         self.ema = EMA(self.model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
         self.step = 0
         self.log_path = self.output_dir / "train_log.jsonl"
+
+    def _take_class_names(self):
+        """Put the data's class names (label order) into the config, which the checkpoints store; a config that
+        names other classes is refused."""
+        from ..data import class_names  # the data package's labels interface
+
+        c = self.cfg.data
+        try:
+            names = [str(name) for name in class_names(c.name, c.root)]
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
+        if len(names) < 2:
+            raise ConfigError(f"a class-conditional model needs a data set with at least 2 classes; {c.name} at "
+                              f"{c.root} has {len(names)} {names}: put each class's images in a sub-folder of its own")
+        if c.class_names is not None and list(c.class_names) != names:
+            raise ConfigError(f"data.class_names {c.class_names} differ from the classes of the data, {names}: "
+                              "drop data.class_names (the trainer fills it in)")
+        c.class_names = names
 
     def _download_on_rank0(self):
         """Rank 0 fetches a missing data set while the others wait, so no two ranks write the same files."""
@@ -233,14 +209,17 @@ class Trainer:
 
     # --- loop ----------------------------------------------------------------------------------------------------
     def batches(self):
-        """Endless stream of image batches (NumPy) from self.step on; epoch e is shuffled with seed + e."""
+        """Endless stream of (images, labels) batches (NumPy; labels None for an unconditional model) from
+        self.step on; epoch e is shuffled with seed + e."""
         c, t = self.cfg.data, self.cfg.train
         shards = dict(num_shards=self.group_size, shard_id=self.rank) if self.group_size > 1 else {}
+        # the labels column only where the model takes it: unconditional runs read the data as before
+        labels = dict(labels=True) if self.conditional else {}
 
         def epoch_pipeline(epoch):
             return create_dataset(c.name, c.root, "train", c.image_size, c.channels, t.batch_size, shuffle=True,
                                   random_flip=c.random_flip, download=c.download, seed=t.seed + epoch,
-                                  num_parallel_workers=c.num_parallel_workers, **shards)
+                                  num_parallel_workers=c.num_parallel_workers, **shards, **labels)
 
         ds = epoch_pipeline(0)
         # where self.step left off: this epoch, after `skip` batches
@@ -249,8 +228,8 @@ class Trainer:
             ds = epoch_pipeline(epoch)
         ds = ds.skip(skip) if skip else ds
         while True:
-            for (images,) in ds.create_tuple_iterator(output_numpy=True, num_epochs=1):
-                yield images
+            for batch in ds.create_tuple_iterator(output_numpy=True, num_epochs=1):
+                yield batch if self.conditional else (batch[0], None)
             epoch += 1
             ds = epoch_pipeline(epoch)
 
@@ -267,18 +246,26 @@ class Trainer:
         return h.hexdigest()[:16]
 
     def sample_grid(self, path):
-        """A grid of samples from the EMA weights (or the raw weights without EMA)."""
-        t, c = self.cfg.train, self.cfg.data
-        net = build_model(self.cfg)
+        """A grid of samples from the EMA weights (or the raw weights without EMA), one row per class for a
+        class-conditional model (plain conditional sampling, guidance scale 1).
+
+        The sampling network is built once, at the first grid, and gets the current weights copied in for each:
+        graph mode compiles its sampling step once per run, not once per grid (which kept the other ranks waiting
+        in their all-reduce for every compile).
+        """
+        t = self.cfg.train
+        if self.grid_pipeline is None:
+            self.grid_pipeline = DiffusionPipeline(create_model(self.cfg.model.name, **self.cfg.model.kwargs),
+                                                   self.process, self.cfg)
+        net = self.grid_pipeline.network
         if self.ema is not None:
             self.ema.copy_to(net)
         else:
             for src, dst in zip(self.model.trainable_params(), net.trainable_params()):
                 dst.set_data(src.value().copy())
-        net.set_train(False)
-        shape = (t.num_samples, c.channels, c.image_size, c.image_size)
-        x = self.grid_sampler.sample(net, shape, seed=t.seed, progress=False)
-        save_image_grid(x.asnumpy(), path)
+        samples, labels = self.grid_pipeline(t.num_samples, sampler=self.grid_sampler, seed=t.seed,
+                                             batch_size=t.num_samples, progress=False)
+        save_image_grid(samples, path, labels=labels)
 
     def train(self, until=None):
         """Train to `train.steps` (or only to step `until`; the run can be continued later) and return the last loss."""
@@ -299,13 +286,15 @@ class Trainer:
         nonfinite, loss, last_time, last_step = 0, float("nan"), time.perf_counter(), self.step
         bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
         data = self.batches()
+        drop = self.cfg.diffusion.cond_drop_prob
         while self.step < until:
             for micro in range(t.grad_accumulation):
-                images = next(data)
-                rng = np.random.default_rng([t.seed, self.rank, self.step, micro])
-                ts = ms.Tensor(rng.integers(0, self.num_labels, images.shape[0]).astype(np.int32))
-                noise = ms.Tensor(rng.standard_normal(images.shape, dtype=np.float32))
-                loss_t, finite, norm = self.step_fn(ms.Tensor(images), ts, noise, micro == t.grad_accumulation - 1)
+                images, labels = next(data)
+                ts, noise, cond = step_randomness(t.seed, self.rank, self.step, micro, images.shape, self.num_labels,
+                                                  labels, drop, self.null_label)
+                loss_t, finite, norm = self.step_fn(ms.Tensor(images), ms.Tensor(ts), ms.Tensor(noise),
+                                                    micro == t.grad_accumulation - 1,
+                                                    None if cond is None else ms.Tensor(cond))
             loss, finite = float(loss_t.asnumpy()), bool(finite.asnumpy())
             nonfinite = 0 if finite and math.isfinite(loss) else nonfinite + 1
             if nonfinite >= t.max_nonfinite_steps:

@@ -1,206 +1,30 @@
 """Score-based samplers (Song et al. 2021, "Score-Based Generative Modeling through Stochastic Differential
-Equations"; equation numbers refer to it).
+Equations"; equation numbers refer to it), on the SDEs of `ms_ddpm.processes.sde` (their table, label <-> time map
+and score conventions are there).
 
-Forward SDE            dx = f(x, t) dt + g(t) dw                                                    (Eq. 5)
 Reverse-time SDE       dx = [f(x, t) - g(t)^2 grad_x log p_t(x)] dt + g(t) dw_bar                  (Eq. 6)
 Probability-flow ODE   dx = [f(x, t) - 1/2 g(t)^2 grad_x log p_t(x)] dt                            (Eq. 13)
-
-All three SDEs here have a linear drift f(x, t) = f(t) x and a Gaussian marginal p_t(x | x_0) = N(m(t) x_0, s(t)^2 I):
-
-| SDE     | f(t)         | g(t)^2                                   | m(t), s(t)                         | Eqs.      |
-| ------- | ------------ | ---------------------------------------- | ---------------------------------- | --------- |
-| VP      | -beta(t) / 2 | beta(t)                                  | sqrt(alpha_bar), sqrt(1-alpha_bar) | 11, 32-33 |
-| sub-VP  | -beta(t) / 2 | beta(t) (1 - exp(-2 int_0^t beta))       | sqrt(alpha_bar), 1 - alpha_bar     | 34        |
-| VE      | 0            | d[sigma^2]/dt = 2 sigma(t)^2 log(sigma_max / sigma_min) | 1, sigma(t)         | 9, 30-31  |
-
-with alpha_bar(t) = exp(-int_0^t beta(s) ds) and sigma(t) = sigma_min (sigma_max / sigma_min)^t.
-
-Discrete labels. The networks are trained on discrete noise levels, so every SDE here is indexed by the integer
-label the network sees ("timestep"), and maps it to continuous time t:
-    VP / sub-VP (a DDPM eps-network, labels n in [0, T), larger = noisier):  t_n = (n + 1) / T, so t covers (0, 1]
-        in steps of 1/T and the data x_0 sits at t = 0. Step n of the DDPM chain covers (n/T, (n+1)/T], on which
-        beta(t) is constant, = -T log(1 - beta_n) (= T beta_n to first order, the convention of Song's
-        `VPSDE.discretize`); this choice makes exp(-int_0^{t_n} beta) equal the DDPM alpha_bar_n exactly, so the
-        network's noise level matches the SDE's at every label.
-    VE (an NCSN score network, labels i in [0, N), Song & Ermon's order: sigma_0 = sigma_max > ... > sigma_{N-1} =
-        sigma_min): t_i = 1 - i / (N - 1), so sigma(t_i) = sigmas[i]; "after the last level" (the data) is one more
-        uniform step, t = -1 / (N - 1), as in Song's samplers, which step dt = -1/N down from t = 1.
-The label `None` stands for the data end of the chain throughout.
-
-What the network outputs: for VP, anything `GaussianDiffusion` supports (eps, x0, v), turned into eps; the score is
-    s(x, t) = -eps(x, t) / s(t)                                         (the denoising identity behind Eq. 19)
-For sub-VP an eps-network for sub-VP's own s(t) = 1 - alpha_bar; for VE the score itself (NCSN, `ncsn.py`).
 
 Samplers: `EulerMaruyamaSampler` (reverse SDE), `PredictorCorrectorSampler` (Algorithms 2-3), and
 `ProbabilityFlowSampler` (Eq. 13 with Heun's method, plus `encode`). Each is a `Sampler`: `set_timesteps`,
 `.timesteps` (the labels handed to the network, in calling order), `step`, `add_noise`, `sample`.
-The VP samplers take a `GaussianDiffusion` (or any SDE below) as their first argument; the VE ones a `VESDE`.
+The VP samplers take a `GaussianDiffusion` (or any SDE) as their first argument; the VE ones a `VESDE`.
 """
 import mindspore as ms
 import numpy as np
 from mindspore import ops
 from tqdm.auto import tqdm
 
-from ..diffusion import OBJECTIVES, GaussianDiffusion, predict_eps
-from ..utils import check_choice
-from .base import TIMESTEP_SPACINGS, Sampler, SamplerOutput, spaced_timesteps
-from .ncsn import geometric_sigmas
-
-
-class VPSDE:
-    """Variance-preserving SDE of a DDPM chain with betas (T,): dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw (Eq. 11).
-
-    Args:
-        betas: (T,) forward-process variances of the discrete chain (Ho et al. 2020).
-        objective: what the network predicts ("eps", "x0" or "v", as in `GaussianDiffusion`).
-    """
-
-    def __init__(self, betas, objective="eps"):
-        betas = np.asarray(betas, dtype=np.float64)
-        if betas.ndim != 1 or not np.all((betas > 0) & (betas < 1)):
-            raise ValueError("betas must be a 1-D array with every value in (0, 1)")
-        self.objective = check_choice("objective", objective, OBJECTIVES)
-        self.N = len(betas)
-        self.betas = betas
-        self.alphas_cumprod = np.cumprod(1.0 - betas)
-        # beta(t) on (n/T, (n+1)/T]: the rate whose integral over the step is -log(1 - beta_n) (see module doc)
-        self.continuous_betas = -self.N * np.log1p(-betas)
-        self.prior_std = 1.0
-
-    @classmethod
-    def from_diffusion(cls, diffusion):
-        """The SDE of a `GaussianDiffusion`, reading its network output as the diffusion's objective."""
-        return cls(diffusion.betas, diffusion.objective)
-
-    def labels(self, num_steps, spacing):
-        """Descending DDPM timesteps (noisiest first), spaced as `spaced_timesteps`."""
-        return spaced_timesteps(self.N, num_steps, spacing)
-
-    def time(self, label):
-        """Continuous t of a label: t_n = (n + 1) / T; None (the data) -> 0."""
-        return 0.0 if label is None else (label + 1) / self.N
-
-    def alpha_bar(self, label):
-        return 1.0 if label is None else float(self.alphas_cumprod[label])
-
-    def marginal(self, label):
-        """(m, s) of p_t(x | x_0) = N(m x_0, s^2 I) at a label (Eq. 33)."""
-        alpha_bar = self.alpha_bar(label)
-        return alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
-
-    def coefficients(self, label):
-        """(f(t), g(t)^2) at a label's time: drift f(t) x and squared diffusion (Eq. 11)."""
-        beta = float(self.continuous_betas[label])
-        return -0.5 * beta, beta
-
-    def discretize(self, label, next_label):
-        """(F, G^2) of the discrete forward step next_label -> label, x_label = (1 + F) x_next + G z: Song's
-        `VPSDE.discretize` (the DDPM step, F = sqrt(1 - beta) - 1, G^2 = beta), with beta = 1 - alpha_bar_label /
-        alpha_bar_next the beta of the strided chain when labels are skipped (as `DDPMSampler`)."""
-        beta = 1.0 - self.alpha_bar(label) / self.alpha_bar(next_label)
-        return (1.0 - beta) ** 0.5 - 1.0, beta
-
-    def langevin_alpha(self, label):
-        """alpha_i of the Langevin corrector (Algorithm 5): 1 - beta_i, as Song's `LangevinCorrector`."""
-        return 1.0 - float(self.betas[label])
-
-    def score(self, model_output, x, label):
-        """grad_x log p_t(x) = -eps / s(t), eps from the network output via `predict_eps`."""
-        alpha_bar = self.alpha_bar(label)
-        return predict_eps(self.objective, model_output, x, alpha_bar) * (-1.0 / (1.0 - alpha_bar) ** 0.5)
-
-
-class SubVPSDE(VPSDE):
-    """sub-VP SDE: dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw (Eq. 34).
-
-    Its marginal std is 1 - alpha_bar(t), below VP's sqrt(1 - alpha_bar(t)) (Eq. 35), so a DDPM eps-network does not
-    fit it: the network must predict eps for this std (objective "eps" only).
-    """
-
-    def __init__(self, betas, objective="eps"):
-        if objective != "eps":
-            raise ValueError(f"SubVPSDE needs an eps-network (objective must be one of ['eps']), got {objective!r}")
-        super().__init__(betas, objective)
-
-    def marginal(self, label):
-        alpha_bar = self.alpha_bar(label)
-        return alpha_bar**0.5, 1.0 - alpha_bar
-
-    def coefficients(self, label):
-        beta = float(self.continuous_betas[label])
-        return -0.5 * beta, beta * (1.0 - float(self.alphas_cumprod[label]) ** 2)
-
-    def discretize(self, label, next_label):
-        """Euler-Maruyama discretisation F = f dt, G^2 = g^2 dt (Song's generic `SDE.discretize`)."""
-        dt = self.time(label) - self.time(next_label)
-        f, g2 = self.coefficients(label)
-        return f * dt, g2 * dt
-
-    def score(self, model_output, x, label):
-        return model_output * (-1.0 / (1.0 - self.alpha_bar(label)))
-
-
-class VESDE:
-    """Variance-exploding SDE dx = sqrt(d[sigma^2(t)]/dt) dw, sigma(t) = sigma_min (sigma_max/sigma_min)^t (Eq. 30).
-
-    Its N discrete levels are NCSN's geometric sigmas (Song & Ermon 2019), largest first, so an NCSN score network
-    trained with `NCSNLoss` on `sde.sigmas` (label = level index) drives it. The network output is the score.
-
-    Args:
-        sigma_min, sigma_max: smallest and largest noise level, 0 < sigma_min < sigma_max (Song's CIFAR-10: 0.01, 50).
-        N: number of discrete levels, >= 2.
-    """
-
-    objective = "score"
-
-    def __init__(self, sigma_min=0.01, sigma_max=50.0, N=1000):
-        self.sigmas = geometric_sigmas(sigma_max, sigma_min, N)
-        self.sigma_min, self.sigma_max, self.N = float(sigma_min), float(sigma_max), N
-        self.prior_std = self.sigma_max
-
-    def labels(self, num_steps, spacing):
-        """Ascending level indices (noisiest first): N - 1 - the spaced DDPM-style timesteps."""
-        return self.N - 1 - spaced_timesteps(self.N, num_steps, spacing)
-
-    def time(self, label):
-        """t_i = 1 - i / (N - 1); None (the data) is one uniform step beyond sigma_min."""
-        return -1.0 / (self.N - 1) if label is None else 1.0 - label / (self.N - 1)
-
-    def sigma(self, label):
-        return 0.0 if label is None else float(self.sigmas[label])
-
-    def marginal(self, label):
-        """(m, s) = (1, sigma_i) (Eq. 31 with sigma_min^2 neglected, as NCSN does)."""
-        return 1.0, self.sigma(label)
-
-    def coefficients(self, label):
-        return 0.0, 2.0 * float(np.log(self.sigma_max / self.sigma_min)) * self.sigma(label) ** 2
-
-    def discretize(self, label, next_label):
-        """F = 0, G^2 = sigma_i^2 - sigma_next^2: the SMLD chain (Eq. 8; Song's `VESDE.discretize`)."""
-        return 0.0, self.sigma(label) ** 2 - self.sigma(next_label) ** 2
-
-    def langevin_alpha(self, label):
-        return 1.0
-
-    def score(self, model_output, x, label):
-        return model_output
-
-
-def as_sde(process):
-    """The SDE of `process`: a `GaussianDiffusion` gives its `VPSDE`; an SDE instance is returned as is."""
-    if isinstance(process, GaussianDiffusion):
-        return VPSDE.from_diffusion(process)
-    if isinstance(process, (VPSDE, VESDE)):
-        return process
-    raise ValueError(f"process must be a GaussianDiffusion, VPSDE, SubVPSDE or VESDE, got {type(process).__name__}")
+from ..models import call_network
+from ..processes import as_sde
+from .base import Sampler, SamplerOutput
 
 
 class ScoreSDESampler(Sampler):
-    """What the score-SDE samplers share: an SDE in place of the diffusion tables, and the label grid.
+    """What the score-SDE samplers share: the SDE as their process, and the label grid.
 
     Args:
-        process: a `GaussianDiffusion` (sampled through its VP SDE) or a `VPSDE` / `SubVPSDE` / `VESDE`.
+        process: a `GaussianDiffusion` (sampled through its VP SDE, `as_sde`) or a `VPSDE` / `SubVPSDE` / `VESDE`.
         timestep_spacing: which labels `set_timesteps` keeps (see `spaced_timesteps`). The default "linspace"
             is Song's uniform grid in t from 1 down to 1/T, the data then one more step down.
     """
@@ -208,19 +32,12 @@ class ScoreSDESampler(Sampler):
     stochastic = True
 
     def __init__(self, process, timestep_spacing="linspace"):
-        # Sampler.__init__ reads the step count from a diffusion; here it comes from the SDE, which may have none
-        self.sde = as_sde(process)
-        # the diffusion stays available for `predicted_x0` clipping; None for SDEs given directly
-        self.diffusion = process if isinstance(process, GaussianDiffusion) else None
-        self.num_train_timesteps = self.sde.N
-        self.timestep_spacing = check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        self._step_index = 0
-        self.set_timesteps(self.num_train_timesteps)
+        super().__init__(as_sde(process), timestep_spacing)
 
     @property
-    def init_noise_sigma(self):
-        """Standard deviation of the prior x_T ~ N(0, init_noise_sigma^2 I): 1 for VP / sub-VP, sigma_max for VE."""
-        return self.sde.prior_std
+    def sde(self):
+        """The process, an SDE (`VPSDE`, `SubVPSDE` or `VESDE`)."""
+        return self.process
 
     def set_timesteps(self, num_inference_steps):
         """Pick `num_inference_steps` labels (self.grid, noisiest first); `self.timesteps` lists the network calls."""
@@ -246,12 +63,9 @@ class ScoreSDESampler(Sampler):
         return ms.Tensor(coefs[:, 0]) * original_samples + ms.Tensor(coefs[:, 1]) * noise
 
     def denoised(self, model_output, sample, label):
-        """x0_hat = E[x_0 | x_t] = (x_t + s^2 score) / m (Tweedie's formula); with a diffusion, its `predict_x0`,
-        clipped when it says so. Reported as pred_original_sample; the updates use the unclipped score."""
-        if self.diffusion is not None:
-            return self.predicted_x0(model_output, sample, self.sde.alpha_bar(label))
-        m, s = self.sde.marginal(label)
-        return (sample + s**2 * self.sde.score(model_output, sample, label)) * (1.0 / m)
+        """x0_hat = E[x_0 | x_t], the SDE's `denoised` (clipped when the process says so). Reported as
+        pred_original_sample; the updates use the unclipped score."""
+        return self.sde.denoised(model_output, sample, label)
 
     def _position(self, timestep):
         """Index of `timestep` in the grid (for samplers with one call per label)."""
@@ -394,18 +208,18 @@ class ProbabilityFlowSampler(ScoreSDESampler):
         start, start_derivative, h = self._heun_state
         return SamplerOutput(start + (0.5 * h) * (start_derivative + derivative), x0_hat)
 
-    def encode(self, model, x_0, progress=False):
+    def encode(self, model, x_0, progress=False, cond=None):
         """Run the ODE forwards, data -> x_T, on the reversed grid: the latent code of x_0 (Sec. 4.3).
 
         The first step, data -> t(grid[-1]), is Euler with the network at label grid[-1] evaluated at x_0 (there is
         no label at t = 0; Song's code likewise starts at a small t = eps); then Heun's steps as in decoding.
-        `sample(model, shape, x_T=encode(model, x_0))` returns x_0 up to the solver's error.
+        `sample(model, shape, x_T=encode(model, x_0))` returns x_0 up to the solver's error. `cond`: as in `sample`.
         """
         batch = x_0.shape[0]
 
         def d(x, label):
             t = ms.Tensor(np.full((batch,), label, dtype=np.int32))
-            return self.drift(model(x, t), x, label)
+            return self.drift(call_network(model, x, t, cond), x, label)
 
         grid = [int(n) for n in self.grid[::-1]]
         x = x_0 + (self.sde.time(grid[0]) - self.sde.time(None)) * d(x_0, grid[0])

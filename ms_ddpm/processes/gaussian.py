@@ -17,7 +17,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from .utils import check_choice
+from ..utils import check_choice
 
 OBJECTIVES = ("eps", "x0", "v")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -77,6 +77,10 @@ class GaussianDiffusion(nn.Cell):
         clip_denoised: clip predicted x_0 to [-1, 1] when sampling, as the DDPM reference code does.
     """
 
+    #: standard deviation of the prior x_T ~ N(0, I) the samplers start from (the process interface, see
+    #: `ms_ddpm.processes`)
+    prior_std = 1.0
+
     def __init__(self, betas, objective="eps", variance_type="fixed_small", clip_denoised=True):
         super().__init__()
         betas = np.asarray(betas, dtype=np.float64)
@@ -84,7 +88,7 @@ class GaussianDiffusion(nn.Cell):
             raise ValueError("betas must be a 1-D array with every value in (0, 1)")
         self.objective = check_choice("objective", objective, OBJECTIVES)
         self.variance_type = check_choice("variance_type", variance_type, VARIANCE_TYPES)
-        self.clip_denoised = clip_denoised
+        self.clip_denoised = bool(clip_denoised)
         self.num_timesteps = len(betas)
 
         # q(x_t | x_0), Eq. 4

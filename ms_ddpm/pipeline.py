@@ -1,0 +1,215 @@
+"""One object that generates: a trained network, the noise process it was trained on, and the run's config.
+
+    pipe = DiffusionPipeline.from_checkpoint("outputs/mnist5k_cond/ckpt_00001300.ckpt")
+    samples, labels = pipe(20, class_labels=[3, 7], guidance_scale=2.0, sampler="ddim", steps=50, seed=0)
+    # samples: float32 (20, C, H, W) in [-1, 1]; labels: int32 (20,), 3 7 3 7 ... (None for an unconditional model)
+
+Shaped after diffusers' `DDPMPipeline` (network + scheduler, `__call__` runs the loop) and mindone's DiT inference
+pipeline (class labels and their null label on the doubled batch), smaller: the samplers already own the loop
+(`Sampler.sample_progressive`), so the pipeline chooses the labels, the guided network and the sampler, and draws
+batch i from the seed `seed + i` (the same arguments give the same samples, in either execution mode up to float32
+rounding). `ms-ddpm sample`, `ms-ddpm evaluate` and the trainer's sample grids generate through it.
+
+Class conditioning: the config's `data.class_names` are the classes (label i is class_names[i]); the network has a
+class embedding of `num_class_embeds` rows. Classifier-free guidance (`ms_ddpm.guidance`) needs a null label, row
+`num_classes`, that training used (`diffusion.cond_drop_prob` > 0).
+"""
+import mindspore as ms
+import numpy as np
+import yaml
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import Config, ConfigError
+from .guidance import ClassifierFreeGuidance
+from .models import create_model
+from .processes import create_process
+from .runtime import set_runtime
+from .samplers import DIFFUSION_SAMPLERS, NCSN_SAMPLERS, Sampler, create_sampler
+from .utils import check_int
+
+
+def default_sampler(cfg):
+    """The sampler used unless one is named: DDIM for a DDPM, annealed Langevin for an NCSN."""
+    return "ald" if cfg.diffusion.process == "ncsn" else "ddim"
+
+
+def build_sampler(cfg, process, name=None, **kwargs):
+    """Sampler `name` (None: `default_sampler`) for a network trained with `cfg`, on `process` (its
+    `create_process`); kwargs go to the sampler's constructor. Samplers of the other process are refused; "ald" takes
+    the config's Langevin step size."""
+    name = default_sampler(cfg) if name is None else name
+    valid = NCSN_SAMPLERS if cfg.diffusion.process == "ncsn" else DIFFUSION_SAMPLERS
+    if name not in valid:
+        raise ConfigError(f"sampler {name!r} does not sample a network of diffusion.process "
+                          f"{cfg.diffusion.process!r}; use one of {list(valid)}")
+    if name == "ald":
+        kwargs["step_lr"] = cfg.diffusion.langevin_step_lr
+    return create_sampler(name, process, **kwargs)
+
+
+def check_class_rows(network, cfg):
+    """Refuse a network whose class embedding does not fit the config's classes and label dropout.
+
+    A class-conditional network needs a row per class of `cfg.data.class_names` plus the null row (K = classes + 1);
+    K = classes (no null row, e.g. a converted diffusers model) is accepted only without label dropout. An
+    unconditional network takes neither class names nor label dropout.
+    """
+    rows = getattr(network, "num_class_embeds", None)
+    names, drop = cfg.data.class_names, cfg.diffusion.cond_drop_prob
+    if rows is None:
+        if drop:
+            raise ConfigError(f"diffusion.cond_drop_prob={drop} needs a class-conditional model: set "
+                              "model.kwargs.num_classes (unet) or num_class_embeds (ddpm_unet), or drop it")
+        if names:
+            raise ConfigError("data.class_names is set but the model is unconditional: set model.kwargs.num_classes "
+                              "(unet) or num_class_embeds (ddpm_unet), or drop data.class_names")
+        return
+    if not names:
+        raise ConfigError("a class-conditional model needs data.class_names (the trainer takes them from the data)")
+    n = len(names)
+    if rows not in (n, n + 1) or (rows == n and drop):
+        raise ConfigError(f"the model has {rows} class embedding rows, the data {n} classes: set "
+                          f"model.kwargs.num_classes: {n} (unet) or num_class_embeds: {n + 1} (ddpm_unet; one row "
+                          "per class and the null label that diffusion.cond_drop_prob trains)")
+
+
+class DiffusionPipeline:
+    """network + process + config -> samples; see the module docstring.
+
+    Args:
+        network: the denoising network (inference mode is set here); class-conditional or not.
+        process: its noise process (`create_process(config.diffusion)`).
+        config: the run's `Config` (its data section gives the image shape and the class names).
+    """
+
+    def __init__(self, network, process, config):
+        check_class_rows(network, config)
+        network.set_train(False)
+        self.network, self.process, self.config = network, process, config
+        self._guided = None
+        #: the checkpoint's step and "ema" or "raw" weights, when built by `from_checkpoint`
+        self.checkpoint_step, self.weights = None, None
+
+    @classmethod
+    def from_checkpoint(cls, path, use_ema=True, mode="graph", device="CPU"):
+        """Rebuild a trained pipeline from a checkpoint of `ms-ddpm train` alone (its stored config).
+
+        The weights are the EMA weights when `use_ema` and the checkpoint has them, else the raw weights (said by
+        `.weights`). `mode` ("graph" / "pynative") and `device` are set for the process.
+        """
+        state = load_checkpoint(path)
+        cfg = Config.from_dict(yaml.safe_load(state["config"]))
+        # sampling runs in float32: the training precision does not apply (nor its device limits)
+        cfg.train.mode, cfg.train.device, cfg.train.amp_level = mode, device, "O0"
+        set_runtime(cfg.train)
+        net = create_model(cfg.model.name, **cfg.model.kwargs)
+        names = [p.name for p in net.trainable_params()]
+        kind = "ema" if use_ema and all("ema." + n in state for n in names) else "raw"
+        prefix = "ema." if kind == "ema" else ""
+        missing = [n for n in names if prefix + n not in state]
+        if missing:
+            raise CheckpointError(f"{path} lacks weights for {missing[:3]}...: it does not match its own config")
+        ms.load_param_into_net(net, {n: ms.Parameter(state[prefix + n].value(), name=n) for n in names},
+                               strict_load=True)
+        pipe = cls(net, create_process(cfg.diffusion), cfg)
+        pipe.checkpoint_step, pipe.weights = state["step"], kind
+        return pipe
+
+    # --- conditioning --------------------------------------------------------------------------------------------
+    @property
+    def class_names(self):
+        """Class names in label order, or None for an unconditional model."""
+        return self.config.data.class_names if self.conditional else None
+
+    @property
+    def conditional(self):
+        return getattr(self.network, "num_class_embeds", None) is not None
+
+    @property
+    def null_label(self):
+        """The label of the unconditional branch, or None when the network has no trained null row."""
+        if not self.conditional or self.network.num_class_embeds != len(self.class_names) + 1:
+            return None
+        return len(self.class_names) if self.config.diffusion.cond_drop_prob > 0 else None
+
+    def labels(self, num_samples, class_labels=None):
+        """The (num_samples,) int32 labels of a draw: `class_labels` repeated to fill it, or, when None, every class
+        equally often (0, 1, ..., C - 1, 0, 1, ...); None for an unconditional model."""
+        if not self.conditional:
+            if class_labels is not None:
+                raise ValueError("class labels given, but the model is unconditional (trained without labels): "
+                                 "drop --class-labels")
+            return None
+        n = len(self.class_names)
+        if class_labels is None:
+            return (np.arange(num_samples) % n).astype(np.int32)
+        labels = np.asarray(class_labels)
+        if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"class labels must be a non-empty list of integers, got {class_labels!r}")
+        bad = sorted({int(v) for v in labels if not 0 <= v < n})
+        if bad:
+            raise ValueError(f"class label(s) {bad} outside the model's {n} classes 0..{n - 1} "
+                             f"({', '.join(f'{i}: {name}' for i, name in enumerate(self.class_names))})")
+        return np.resize(labels, num_samples).astype(np.int32)
+
+    def guided(self, guidance_scale):
+        """The network to sample with at `guidance_scale`: the network itself at 1 (no doubled batch), else its
+        `ClassifierFreeGuidance` (one Cell, kept and re-scaled, so graph mode compiles it once)."""
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 0:
+            raise ValueError(f"guidance scale must be a number >= 0 (1: no guidance), got {guidance_scale!r}")
+        if guidance_scale == 1:
+            return self.network
+        if not self.conditional:
+            raise ValueError(f"guidance scale {guidance_scale} needs a class-conditional model; this one is "
+                             "unconditional: use guidance scale 1")
+        if self.null_label is None:
+            raise ValueError(f"guidance scale {guidance_scale} needs the null label of classifier-free guidance, "
+                             "which this model was not trained on (diffusion.cond_drop_prob 0, or no null row): use "
+                             "guidance scale 1")
+        if self._guided is None:
+            self._guided = ClassifierFreeGuidance(self.network, self.null_label, guidance_scale)
+        else:
+            self._guided.set_guidance_scale(guidance_scale)
+        return self._guided
+
+    def create_sampler(self, name=None, **kwargs):
+        """A sampler of this pipeline's process (`build_sampler`)."""
+        return build_sampler(self.config, self.process, name, **kwargs)
+
+    # --- generation ----------------------------------------------------------------------------------------------
+    def __call__(self, num_samples, class_labels=None, guidance_scale=1.0, sampler=None, steps=None, seed=0,
+                 batch_size=64, progress=True, callback=None):
+        """Draw `num_samples` images.
+
+        Args:
+            num_samples: images to draw.
+            class_labels: labels to draw (repeated to fill num_samples); None: every class equally often.
+            guidance_scale: classifier-free guidance scale w >= 0 (diffusers' convention; 1: none).
+            sampler: a sampler name (None: `default_sampler`) or a `Sampler` of this process.
+            steps: `set_timesteps(steps)` first; None: the sampler's own.
+            seed: batch i is drawn from seed + i.
+            batch_size: images per batch (the last one may be smaller).
+            progress: show the sampler's progress bar.
+            callback: called as callback(batch_index, SamplerOutput) after every step (e.g. for an animation).
+
+        Returns:
+            (samples, labels): float32 (N, C, H, W) clipped to [-1, 1], and int32 (N,) labels or None.
+        """
+        num_samples = check_int("num_samples", num_samples, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
+        labels = self.labels(num_samples, class_labels)
+        model = self.guided(guidance_scale)
+        chain = sampler if isinstance(sampler, Sampler) else self.create_sampler(sampler)
+        if steps is not None:
+            chain.set_timesteps(steps)
+        c = self.config.data
+        samples = []
+        for i, start in enumerate(range(0, num_samples, batch_size)):
+            n = min(batch_size, num_samples - start)
+            cond = None if labels is None else ms.Tensor(labels[start:start + n])
+            shape = (n, c.channels, c.image_size, c.image_size)
+            for out in chain.sample_progressive(model, shape, seed=seed + i, progress=progress, cond=cond):
+                if callback is not None:
+                    callback(i, out)
+            samples.append(out.prev_sample.asnumpy())
+        return np.clip(np.concatenate(samples), -1.0, 1.0), labels

@@ -1,0 +1,48 @@
+"""NCSN's noise process (Song & Ermon 2019, "Generative Modeling by Estimating Gradients of the Data Distribution";
+equation numbers refer to it): the data perturbed by Gaussian noise x + sigma_i z at L levels sigma_1 > ... > sigma_L,
+a geometric sequence (Sec. 4.2).
+
+Conditioning: the network sees the level *index* i (0-based, 0 = sigma_max) as its "timestep" input, as the NCSN
+code's `labels`. The U-Nets of `ms_ddpm.models` embed any real timestep sinusoidally, so a DDPM U-Net serves as an
+NCSN unchanged. The same levels, in the same order, are the discretisation of the VE SDE (`sde.VESDE`, Song et al.
+2021, Sec. 3.4 and Eq. 9), so its samplers drive an NCSN too. Training from a config: `diffusion.process: ncsn`
+(configs/ncsn_mnist5k_cpu.yaml), the loss `ms_ddpm.losses.NCSNLoss`, the sampler
+`ms_ddpm.samplers.AnnealedLangevinSampler`.
+"""
+import numpy as np
+
+
+def geometric_sigmas(sigma_max, sigma_min, L):
+    """(L,) float64 noise levels sigma_max = sigma_1 > ... > sigma_L = sigma_min with a constant ratio (Sec. 4.2)."""
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    if not isinstance(L, (int, np.integer)) or L < 2:
+        raise ValueError(f"the number of noise levels must be an integer >= 2, got {L!r}")
+    return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), L))
+
+
+class NoiseLevels:
+    """Noise levels sigma_0 > ... > sigma_{L-1} (any decreasing positive sequence; NCSN's are `geometric_sigmas`):
+    the process x_i = x + sigma_i z that annealed Langevin dynamics reverses.
+
+    The process interface every sampler reads (see `ms_ddpm.processes`): `num_timesteps` = L labels, the prior
+    std sigma_0 (x_T ~ N(0, sigma_0^2 I), the VE prior), no clipping of the network's x_0.
+
+    Args:
+        sigmas: (L,) noise levels, largest first.
+    """
+
+    objective = "score"  # the network output is the score s(x, sigma_i) itself
+    clip_denoised = False
+
+    def __init__(self, sigmas):
+        sigmas = np.asarray(sigmas, dtype=np.float64)
+        if sigmas.ndim != 1 or len(sigmas) < 1 or not np.all(sigmas > 0) or np.any(np.diff(sigmas) >= 0):
+            raise ValueError("noise levels must be a 1-D array of positive sigmas in decreasing order")
+        self.sigmas = sigmas
+        self.num_timesteps = len(sigmas)
+        self.prior_std = float(sigmas[0])
+
+    def sigma(self, label):
+        """sigma_i of level `label`; 0 for None (the data)."""
+        return 0.0 if label is None else float(self.sigmas[label])
