@@ -125,6 +125,17 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept
     max_nonfinite_steps: int = 50  # abort when this many steps in a row have a non-finite loss or gradients
 
+    def __post_init__(self):
+        # Refused, not clamped: a warmup cut to the run's length would reach the peak LR only at the last step, a
+        # schedule the config does not describe. (train.steps < 1 is refused by the trainer.)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps > self.steps >= 1:
+            raise ConfigError(
+                f"train.warmup_steps ({self.warmup_steps}) > train.steps ({self.steps}): the linear warmup must end "
+                f"within the run; set train.warmup_steps <= {self.steps} (e.g. --set train.warmup_steps="
+                f"{self.steps // 10}) or raise train.steps")
+
 
 SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
 

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Data-parallel training launched with msrun, on CPU, GPU or Ascend, one or several nodes.
 #
-#   bash scripts/run_distributed.sh --worker_num 8 --local_worker_num 8 --config configs/ddpm_cifar10_ascend.yaml
-#   bash scripts/run_distributed.sh --worker_num 2 --local_worker_num 2 --device CPU --config configs/unet_mnist5k_cpu.yaml -- --set train.steps=100
+#   bash scripts/run_distributed.sh --worker_num 8 --local_worker_num 8 --device Ascend --config configs/ddpm_cifar10_ascend.yaml
+#   bash scripts/run_distributed.sh --worker_num 2 --local_worker_num 2 --device CPU --config configs/unet_mnist5k_cpu.yaml -- --set train.steps=50 train.warmup_steps=10
 #
 # Arguments after "--" go to `ms-ddpm train` (e.g. --resume, --set key=value ...). Each rank's output goes to
-# LOG_DIR/worker_<rank>.log; msrun's own to LOG_DIR/scheduler.log. The job exits non-zero when any rank fails,
-# and this script names the ranks that did not finish. Run it with the virtual environment active: msrun starts
-# `python` from PATH.
+# LOG_DIR/worker_<rank>.log, the scheduler's to LOG_DIR/scheduler.log and msrun's own messages to LOG_DIR/msrun.log.
+# msrun binds each process to its share of the CPU cores (--bind_core=True; on Ascend, the cores near its NPU).
+# When a rank fails, msrun stops the others. This script then exits with status 2 and the error when ms-ddpm
+# refused the command or config, or else names the ranks that did not finish and says whether the run can resume.
+# HCCL timeouts: see scripts/launch_common.sh. Run it with the virtual environment active: msrun starts `python`
+# from PATH.
 set -uo pipefail
 
 usage() {
@@ -25,8 +28,7 @@ usage: bash scripts/run_distributed.sh --config FILE [options] [-- ms-ddpm train
 USAGE
 }
 
-die() { echo "run_distributed.sh: error: $*" >&2; echo >&2; usage >&2; exit 2; }
-is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
+source "$(dirname "$0")/launch_common.sh"
 
 CONFIG="" WORKER_NUM=8 LOCAL_WORKER_NUM="" MASTER_ADDR=127.0.0.1 MASTER_PORT=8118 NODE_RANK=0
 LOG_DIR=logs/distributed DEVICE="" TIME_OUT=300
@@ -78,20 +80,32 @@ first=$(( NODE_RANK * LOCAL_WORKER_NUM ))
 echo "launching $LOCAL_WORKER_NUM of $WORKER_NUM workers (node $NODE_RANK, scheduler $MASTER_ADDR:$MASTER_PORT)"
 for (( r = first; r < first + LOCAL_WORKER_NUM; r++ )); do echo "  rank $r log: $LOG_DIR/worker_$r.log"; done
 
+# msrun's stderr holds its warnings and, when a worker fails, a traceback of its own that says nothing more
 msrun --worker_num="$WORKER_NUM" --local_worker_num="$LOCAL_WORKER_NUM" --master_addr="$MASTER_ADDR" \
     --master_port="$MASTER_PORT" --node_rank="$NODE_RANK" --log_dir="$LOG_DIR" --join=True \
-    --cluster_time_out="$TIME_OUT" "$(dirname "$0")/train.py" --config "$CONFIG" "$@"
+    --cluster_time_out="$TIME_OUT" --bind_core=True "$(dirname "$0")/train.py" --config "$CONFIG" "$@" \
+    2> "$LOG_DIR/msrun.log"
 status=$?
 
 if (( status != 0 )); then
+    unfinished=() unfinished_logs=()
     for (( r = first; r < first + LOCAL_WORKER_NUM; r++ )); do
         log="$LOG_DIR/worker_$r.log"
-        if ! grep -q "^rank $r: finished" "$log" 2>/dev/null; then
-            echo "run_distributed.sh: rank $r did not finish; last lines of $log:" >&2
-            tail -n 5 "$log" 2>/dev/null | sed 's/^/    /' >&2
-        fi
+        grep -q "^rank $r: finished" "$log" 2>/dev/null || { unfinished+=("$r"); unfinished_logs+=("$log"); }
     done
-    echo "run_distributed.sh: distributed job failed (msrun exit status $status); resume with: -- --resume" >&2
+    errors=$(user_errors "${unfinished_logs[@]}")
+    if [[ -n "$errors" ]]; then  # ranks without the line were stopped by msrun when the others failed
+        report_user_errors "$errors"
+        exit 2
+    fi
+    for r in "${unfinished[@]}"; do
+        log="$LOG_DIR/worker_$r.log"
+        [[ -f "$log" ]] || log="$LOG_DIR/msrun.log"  # the worker never started
+        echo "$PROG: rank $r did not finish; last lines of $log:" >&2
+        tail -n 5 "$log" 2>/dev/null | sed 's/^/    /' >&2
+    done
+    echo "$PROG: distributed job failed (msrun exit status $status)" >&2
+    advise_resume --config "$CONFIG" "$@"
     exit "$status"
 fi
 echo "all $LOCAL_WORKER_NUM local workers finished; logs in $LOG_DIR"

@@ -2,11 +2,13 @@
 # Classic Ascend launcher: one process per NPU, addressed through a rank-table (HCCL) JSON file.
 #
 #   bash scripts/run_distributed_ascend.sh --rank_table hccl_8p.json --config configs/ddpm_cifar10_ascend.yaml
-#   bash scripts/run_distributed_ascend.sh --rank_table hccl_16p.json --device_num 8 --rank_start 8 --config ...   # node 2 of 2
+#   bash scripts/run_distributed_ascend.sh --rank_table hccl_16p.json --rank_size 16 --device_num 8 --rank_start 8 --config configs/ddpm_cifar10_ascend.yaml   # node 2 of 2
 #
 # Each process gets DEVICE_ID (the card on this node), RANK_ID (its rank in the job) and RANK_SIZE, and writes
-# LOG_DIR/rank_<RANK_ID>.log. Arguments after "--" go to `ms-ddpm train`. The script waits for all processes and
-# exits non-zero, naming the ranks, if any fails. Run it with the virtual environment active.
+# LOG_DIR/rank_<RANK_ID>.log. Arguments after "--" go to `ms-ddpm train`. The script waits for all processes; the
+# first that fails stops the others (as does interrupting the script). It then exits with status 2 and the error
+# when ms-ddpm refused the command or config, or else names the rank and says whether the run can resume.
+# HCCL timeouts: see scripts/launch_common.sh. Run it with the virtual environment active.
 set -uo pipefail
 
 usage() {
@@ -21,8 +23,7 @@ usage: bash scripts/run_distributed_ascend.sh --rank_table FILE --config FILE [o
 USAGE
 }
 
-die() { echo "run_distributed_ascend.sh: error: $*" >&2; echo >&2; usage >&2; exit 2; }
-is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
+source "$(dirname "$0")/launch_common.sh"
 
 RANK_TABLE="" CONFIG="" DEVICE_NUM=8 RANK_START=0 RANK_SIZE_ARG="" LOG_DIR=logs/ascend
 while [[ $# -gt 0 ]]; do
@@ -54,7 +55,26 @@ is_int "$RANK_START" && (( RANK_START + DEVICE_NUM <= RANK_SIZE )) \
 mkdir -p "$LOG_DIR"
 export RANK_TABLE_FILE="$(realpath "$RANK_TABLE")" RANK_SIZE
 TRAIN="$(dirname "$0")/train.py"
-declare -A RANK_OF
+declare -A RANK_OF  # pid -> rank of the processes still running
+
+# stop_ranks: SIGTERM to the ranks still running, SIGKILL to those left after 30 s, so that none keeps its NPU
+stop_ranks() {
+    local pid i alive
+    (( ${#RANK_OF[@]} )) || return 0
+    kill "${!RANK_OF[@]}" 2>/dev/null
+    for (( i = 0; i < 30; i++ )); do
+        alive=0
+        for pid in "${!RANK_OF[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        (( alive )) || break
+        sleep 1
+    done
+    kill -9 "${!RANK_OF[@]}" 2>/dev/null
+    wait
+}
+# background processes of a script ignore SIGINT: without this trap, Ctrl-C would leave the ranks running
+trap 'echo "$PROG: interrupted; stopping the ranks" >&2; stop_ranks; exit 130' INT
+trap 'stop_ranks; exit 143' TERM
+
 for (( i = 0; i < DEVICE_NUM; i++ )); do
     rank=$(( RANK_START + i ))
     DEVICE_ID=$i RANK_ID=$rank python "$TRAIN" --config "$CONFIG" --set train.device=Ascend "$@" \
@@ -64,17 +84,29 @@ for (( i = 0; i < DEVICE_NUM; i++ )); do
 done
 
 # No msrun watches these processes: when one fails, the others would wait forever in a collective, so the first
-# failure stops the whole job.
-for (( left = DEVICE_NUM; left > 0; left-- )); do
-    wait -n -p pid
-    status=$?
-    if (( status != 0 )); then
+# failure stops the whole job. Polled with kill -0: `wait -n -p`, which would say which process ended, needs bash 5.1.
+while (( ${#RANK_OF[@]} )); do
+    for pid in "${!RANK_OF[@]}"; do
+        kill -0 "$pid" 2>/dev/null && continue
+        wait "$pid"  # the exit status bash kept for this process
+        status=$?
         rank=${RANK_OF[$pid]}
-        echo "run_distributed_ascend.sh: rank $rank failed (exit status $status); last lines of $LOG_DIR/rank_$rank.log:" >&2
-        tail -n 5 "$LOG_DIR/rank_$rank.log" | sed 's/^/    /' >&2
-        kill "${!RANK_OF[@]}" 2>/dev/null
-        echo "run_distributed_ascend.sh: stopped the other ranks; resume with: -- --resume" >&2
+        unset "RANK_OF[$pid]"
+        (( status == 0 )) && continue
+        stop_ranks
+        log="$LOG_DIR/rank_$rank.log"
+        errors=$( (( status == 2 )) && user_errors "$log")
+        if [[ -n "$errors" ]]; then
+            echo "$PROG: rank $rank failed; stopped the other ranks" >&2
+            report_user_errors "$errors"
+            exit 2
+        fi
+        echo "$PROG: rank $rank failed (exit status $status); last lines of $log:" >&2
+        tail -n 5 "$log" | sed 's/^/    /' >&2
+        echo "$PROG: stopped the other ranks" >&2
+        advise_resume --config "$CONFIG" --set train.device=Ascend "$@"
         exit 1
-    fi
+    done
+    sleep 1
 done
 echo "all $DEVICE_NUM ranks finished; logs in $LOG_DIR"

@@ -11,7 +11,7 @@ QUICK_START = Path(__file__).resolve().parents[1] / "configs" / "unet_mnist5k_cp
 
 def test_overrides_reach_model_kwargs_and_keep_the_other_entries():
     base = Config.load(QUICK_START)
-    cfg = Config.load(QUICK_START, ["model.kwargs.dim=32", "train.lr=1e-4", "train.steps=7"])
+    cfg = Config.load(QUICK_START, ["model.kwargs.dim=32", "train.lr=1e-4", "train.steps=7", "train.warmup_steps=7"])
     assert cfg.model.kwargs == dict(base.model.kwargs, dim=32)
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float) and cfg.train.steps == 7
     # a whole mapping given at once replaces it
@@ -28,6 +28,10 @@ def test_overrides_reach_model_kwargs_and_keep_the_other_entries():
     (["trian.lr=1"], "override 'trian.lr=1': unknown config section 'trian'"),
     (["train.lr"], "override 'train.lr' must look like section.key=value"),
     (["train.steps=[1"], "override 'train.steps=[1': the value is not valid YAML"),
+    # the quick start warms up for 100 steps: refused rather than clamped (README, "Warmup")
+    (["train.steps=50"], "train.warmup_steps (100) > train.steps (50): the linear warmup must end within the run; "
+                         "set train.warmup_steps <= 50 (e.g. --set train.warmup_steps=5) or raise train.steps"),
+    (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0, got -1"),
 ])
 def test_bad_overrides_end_with_one_line_and_status_2(overrides, message, capsys):
     with pytest.raises(ConfigError):

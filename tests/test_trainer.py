@@ -272,7 +272,7 @@ def test_config_errors_name_the_fix(tmp_path):
         Config.load(None, ["lr=3"])
     with pytest.raises(ConfigError, match="does not exist"):
         Config.load(tmp_path / "missing.yaml")
-    cfg = Config.load(None, ["model.kwargs={dim: 4}", "train.steps=7"])
+    cfg = Config.load(None, ["model.kwargs={dim: 4}", "train.steps=7", "train.warmup_steps=7"])
     assert cfg.model.kwargs == {"dim": 4} and cfg.train.steps == 7
 
 
