@@ -17,11 +17,10 @@ class embedding added to the time embedding) convert too. Load the result with:
     ms.load_param_into_net(net, ms.load_checkpoint("ddpm_cifar10.ckpt"), strict_load=True)
 """
 import argparse
-import json
-import os
 import sys
 
-from ms_ddpm.models.state_dict import StateDictError, read_state_dict
+from ms_ddpm.models.state_dict import (StateDictError, check_output_folder, describe, read_config,
+                                      read_state_dict, report_error, save_diffusers_weights)
 from ms_ddpm.utils import check_int
 
 PROG = "convert_diffusers_unet"
@@ -134,45 +133,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     try:
-        if args.config:
-            if not os.path.isfile(args.config):
-                raise ConversionError(f"config file not found: {args.config}")
-            try:
-                with open(args.config, encoding="utf-8") as f:
-                    config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConversionError(f"{args.config} is not valid JSON: {e}") from None
-            kwargs = ddpm_unet_kwargs(config)
-        else:
-            kwargs = {}
-        output_dir = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(output_dir):
-            raise ConversionError(f"output directory does not exist: {output_dir}")
+        kwargs = ddpm_unet_kwargs(read_config(args.config)) if args.config else {}
+        check_output_folder(args.output)
         state_dict = read_state_dict(args.input)
-
         # Imported only now so that argument and file errors come back without MindSpore's start-up time.
-        import mindspore as ms
-
-        from ms_ddpm.models.ddpm_unet import DDPMUNet, load_diffusers_weights
+        from ms_ddpm.models.ddpm_unet import DDPMUNet
 
         net = DDPMUNet(**kwargs)
-        try:
-            load_diffusers_weights(net, state_dict)
-        except ValueError as e:
-            raise ConversionError(f"{args.input} does not fit DDPMUNet({kwargs or 'paper config'}): {e}") from None
-        try:
-            ms.save_checkpoint(net, args.output)
-        except OSError as e:
-            raise ConversionError(f"cannot write {args.output}: {e}") from None
+        save_diffusers_weights(net, state_dict, args.input, args.output)
     except (ConversionError, StateDictError, ValueError) as e:
         # ValueError: DDPMUNet rejecting the mapped configuration (e.g. indivisible sample_size).
-        message = " ".join(str(e).split())
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2  # argparse's status for bad arguments: the input is one
-
-    n_params = sum(p.size for p in net.get_parameters())
-    arguments = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    print(f"wrote {args.output}: {n_params:,} parameters, DDPMUNet({arguments})")
+        return report_error(PROG, e)
+    print(f"wrote {args.output}: {describe(net, kwargs)}")
     return 0
 
 

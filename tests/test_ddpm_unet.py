@@ -4,21 +4,16 @@ The comparisons use a tiny random UNet2DModel with the DDPM options (3 levels, a
 both an attention level with a downsampler and one with an upsampler are exercised); weights go through the same
 conversion as the published google/ddpm-cifar10-32 checkpoint.
 """
-import contextlib
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import mindspore as ms
 import numpy as np
 import pytest
 
 from ms_ddpm.models.ddpm_unet import DDPMUNet, convert_diffusers_state_dict, load_diffusers_weights
-
-CONVERTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                         "convert_diffusers_unet.py")
+from tests.helpers import assert_matches_reference as assert_matches
+from tests.helpers import (execution_mode, legacy_attention_names, load_script, numpy_state_dict,
+                           randomise_norms_and_biases, run_script, save_diffusers_model)
 
 # Parameter count of google/ddpm-cifar10-32 ("35.7 million" in Ho et al. 2020, Appendix B).
 PAPER_PARAMETER_COUNT = 35_746_307
@@ -39,43 +34,14 @@ TINY_DIFFUSERS_CONFIG = dict(
 TINY_KWARGS = dict(in_channels=3, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8,
                    dropout=0.0, num_groups=8)
 
-LEGACY_ATTENTION_NAMES = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
-
-
-@contextlib.contextmanager
-def execution_mode(mode):
-    previous = ms.get_context("mode")
-    ms.set_context(mode=mode)
-    try:
-        yield
-    finally:
-        ms.set_context(mode=previous)
-
-
 @pytest.fixture(params=[ms.GRAPH_MODE, ms.PYNATIVE_MODE], ids=["graph", "pynative"])
 def mode(request):
     with execution_mode(request.param):
         yield request.param
 
 
-def assert_matches(ms_out, torch_out):
-    np.testing.assert_allclose(ms_out, torch_out, rtol=1e-4, atol=1e-4 * np.abs(torch_out).max())
-
-
 def count_parameters(net):
     return sum(int(np.prod(p.shape)) for p in net.get_parameters())
-
-
-def load_converter_module():
-    spec = importlib.util.spec_from_file_location("convert_diffusers_unet", CONVERTER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_converter(*args, cwd):
-    # cwd: MindSpore may leave log/kernel folders in the working directory.
-    return subprocess.run([sys.executable, CONVERTER, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +50,13 @@ def reference():
     torch = pytest.importorskip("torch", reason="torch is needed for the diffusers reference")
     diffusers = pytest.importorskip("diffusers", reason="diffusers is needed for the reference UNet2DModel")
     torch.manual_seed(0)
-    model = diffusers.UNet2DModel(**TINY_DIFFUSERS_CONFIG).eval()
-    with torch.no_grad():
-        # Default init leaves GroupNorm at weight 1 / bias 0, which would hide a swapped gamma/beta.
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-            elif isinstance(model.get_submodule(name.rpartition(".")[0]), torch.nn.GroupNorm):
-                p.normal_(1.0, 0.1)
+    model = randomise_norms_and_biases(torch, diffusers.UNet2DModel(**TINY_DIFFUSERS_CONFIG))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     t = np.array([3, 917], dtype=np.int64)
     with torch.no_grad():
         out = model(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy()
-    state_dict = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    state_dict = numpy_state_dict(model)
     return dict(model=model, state_dict=state_dict, x=x, t=t, out=out)
 
 
@@ -179,19 +138,9 @@ def test_class_conditioning_is_required_or_refused(converted_class_net, random_n
     assert converted_class_net.num_class_embeds == 10 and random_net.num_class_embeds is None
 
 
-def legacy_names(state_dict):
-    """The state dict under the attention names of diffusers < 0.15 (as in google/ddpm-cifar10-32's .bin)."""
-    renamed = {}
-    for name, value in state_dict.items():
-        for new, old in LEGACY_ATTENTION_NAMES.items():
-            name = name.replace(new, old)
-        renamed[name] = value
-    return renamed
-
-
 def test_legacy_attention_names_convert_identically(reference):
     current = reference["state_dict"]
-    legacy = legacy_names(current)
+    legacy = legacy_attention_names(current)
     # One attention block in the encoder, two in the decoder (num_res_blocks + 1), one in the middle.
     assert sum(name.endswith(".proj_attn.weight") for name in legacy) == 4
     converted_current = convert_diffusers_state_dict(current)
@@ -209,18 +158,11 @@ def test_legacy_attention_names_convert_identically(reference):
 
 @pytest.mark.parametrize("weights_format", ["safetensors", "legacy-bin"])
 def test_converter_script_end_to_end(reference, tmp_path, weights_format):
-    import torch
-
-    model_dir = tmp_path / "unet"
-    reference["model"].save_pretrained(model_dir, safe_serialization=True)  # config.json + .safetensors
-    if weights_format == "safetensors":
-        weights = model_dir / "diffusion_pytorch_model.safetensors"
-    else:
-        weights = model_dir / "diffusion_pytorch_model.bin"
-        torch.save({k: torch.from_numpy(v) for k, v in legacy_names(reference["state_dict"]).items()}, weights)
+    # the legacy names as in google/ddpm-cifar10-32's .bin
+    weights, config = save_diffusers_model(reference["model"], tmp_path / "unet", weights_format)
     output = tmp_path / "tiny.ckpt"
-    result = run_converter("--input", str(weights), "--config", str(model_dir / "config.json"),
-                           "--output", str(output), cwd=tmp_path)
+    result = run_script("convert_diffusers_unet", "--input", str(weights), "--config", str(config),
+                        "--output", str(output), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
 
@@ -235,14 +177,14 @@ def test_converter_script_end_to_end(reference, tmp_path, weights_format):
 
 def test_converter_maps_paper_config():
     config = {"_class_name": "UNet2DModel", "_diffusers_version": "0.0.4", **PAPER_DIFFUSERS_CONFIG}
-    kwargs = load_converter_module().ddpm_unet_kwargs(json.loads(json.dumps(config)))
+    kwargs = load_script("convert_diffusers_unet").ddpm_unet_kwargs(json.loads(json.dumps(config)))
     assert kwargs == dict(in_channels=3, out_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
                           attn_resolutions=(16,), image_size=32, dropout=0.0, num_groups=32, eps=1e-6)
 
 
 def test_converter_maps_a_class_conditional_config():
     config = {**PAPER_DIFFUSERS_CONFIG, "num_class_embeds": 11, "class_embed_type": None}
-    assert load_converter_module().ddpm_unet_kwargs(config)["num_class_embeds"] == 11
+    assert load_script("convert_diffusers_unet").ddpm_unet_kwargs(config)["num_class_embeds"] == 11
 
 
 @pytest.mark.parametrize("change, message", [
@@ -254,7 +196,7 @@ def test_converter_maps_a_class_conditional_config():
     (dict(num_class_embeds=10, class_embed_type="timestep"), "class_embed_type"),
 ])
 def test_converter_refuses_unrepresentable_config(change, message):
-    converter = load_converter_module()
+    converter = load_script("convert_diffusers_unet")
     with pytest.raises(converter.ConversionError, match=message):
         converter.ddpm_unet_kwargs({**PAPER_DIFFUSERS_CONFIG, **change})
 
@@ -290,8 +232,8 @@ def test_mismatched_state_dict_shape(random_net):
 
 
 def test_converter_missing_file(tmp_path):
-    result = run_converter("--input", str(tmp_path / "absent.safetensors"), "--output", str(tmp_path / "x.ckpt"),
-                           cwd=tmp_path)
+    result = run_script("convert_diffusers_unet", "--input", str(tmp_path / "absent.safetensors"),
+                        "--output", str(tmp_path / "x.ckpt"), cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "not found" in result.stderr, result.stderr
     assert not (tmp_path / "x.ckpt").exists()
@@ -303,8 +245,8 @@ def test_converter_mismatched_keys(random_net, tmp_path):
     safetensors_numpy.save_file({p.name: p.asnumpy() for p in random_net.get_parameters()}, str(weights))
     config = tmp_path / "config.json"
     config.write_text(json.dumps(dict(TINY_DIFFUSERS_CONFIG, layers_per_block=2)))  # one ResNet block too many
-    result = run_converter("--input", str(weights), "--config", str(config), "--output", str(tmp_path / "x.ckpt"),
-                           cwd=tmp_path)
+    result = run_script("convert_diffusers_unet", "--input", str(weights), "--config", str(config),
+                        "--output", str(tmp_path / "x.ckpt"), cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "missing" in result.stderr and "down_blocks.0.resnets.1.conv1.weight" in result.stderr

@@ -328,20 +328,21 @@ class DDPMUNet(nn.Cell):
 # diffusers' former AttentionBlock named the projections like this, and the published google/ddpm-cifar10-32
 # `diffusion_pytorch_model.bin` still uses them (diffusers renames them on load).
 _LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-# The torch.nn.GroupNorm modules of UNet2DModel; MindSpore calls their affine parameters gamma/beta.
-_GROUP_NORM_MODULES = ("norm1", "norm2", "group_norm", "conv_norm_out")
-_GROUP_NORM_PARAMS = {"weight": "gamma", "bias": "beta"}
+# The torch.nn.GroupNorm modules of UNet2DModel and AutoencoderKL, and the GroupNorm (norm) and LayerNorms
+# (norm1-3) of Transformer2DModel; MindSpore calls their affine parameters gamma/beta.
+_NORM_MODULES = ("norm", "norm1", "norm2", "norm3", "group_norm", "conv_norm_out")
+_NORM_PARAMS = {"weight": "gamma", "bias": "beta"}
 # torch.nn.Embedding's table is `weight`, MindSpore's nn.Embedding's `embedding_table`.
 _EMBEDDING_PARAMS = {"class_embedding.weight": "class_embedding.embedding_table"}
 
 
 def convert_diffusers_state_dict(state_dict):
-    """Rename a diffusers UNet2DModel state dict (name -> array) to DDPMUNet parameter names (name -> np.ndarray).
+    """Rename a diffusers state dict (name -> array) to MindSpore parameter names (name -> np.ndarray).
 
-    Accepts both the current attention names (to_q/to_k/to_v/to_out.0) and the legacy ones
-    (query/key/value/proj_attn), and a class embedding (`class_embedding.weight`); names already in DDPMUNet form pass
-    through unchanged. Shapes are unchanged: torch
-    and MindSpore share the (out, in[, kh, kw]) layout.
+    Serves every network here that carries diffusers' module names: DDPMUNet (UNet2DModel), AutoencoderKL and the
+    transformer blocks. Accepts both the current attention names (to_q/to_k/to_v/to_out.0) and the legacy ones
+    (query/key/value/proj_attn), and a class embedding (`class_embedding.weight`); names already in MindSpore form
+    pass through unchanged. Shapes are unchanged: torch and MindSpore share the (out, in[, kh, kw]) layout.
     """
     converted = {}
     for name, value in state_dict.items():
@@ -352,8 +353,8 @@ def convert_diffusers_state_dict(state_dict):
         parent, _, leaf = module.rpartition(".")
         if leaf in _LEGACY_ATTENTION_NAMES:
             module = f"{parent}.{_LEGACY_ATTENTION_NAMES[leaf]}" if parent else _LEGACY_ATTENTION_NAMES[leaf]
-        elif leaf in _GROUP_NORM_MODULES:
-            param = _GROUP_NORM_PARAMS.get(param, param)
+        elif leaf in _NORM_MODULES:
+            param = _NORM_PARAMS.get(param, param)
         converted[f"{module}.{param}"] = np.asarray(value)
     return converted
 
@@ -364,7 +365,7 @@ def _name_list(names, limit=20):
 
 
 def load_diffusers_weights(net, state_dict):
-    """Convert a diffusers UNet2DModel state dict and load it into `net` (a DDPMUNet), strictly.
+    """Convert a diffusers state dict and load it into `net` (a DDPMUNet, AutoencoderKL, ...), strictly.
 
     Raises:
         ValueError: when names are missing or unexpected, or shapes differ; the message lists them.
@@ -378,9 +379,9 @@ def load_diffusers_weights(net, state_dict):
     unexpected = sorted(set(converted) - set(params))
     if missing or unexpected:
         raise ValueError(
-            "diffusers state dict does not match this DDPMUNet configuration: "
+            f"diffusers state dict does not match this {type(net).__name__} configuration: "
             f"{len(missing)} missing [{_name_list(missing)}]; {len(unexpected)} unexpected [{_name_list(unexpected)}] "
-            "(names after conversion to DDPMUNet naming)."
+            "(names after conversion to MindSpore naming)."
         )
     mismatched = [
         f"{name}: checkpoint {tuple(converted[name].shape)} vs network {tuple(p.shape)}"

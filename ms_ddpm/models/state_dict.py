@@ -1,13 +1,18 @@
-"""Reading PyTorch-side weight files (diffusers' `.safetensors`, torch `.bin` / `.pt` / `.pth` state dicts) as NumPy.
+"""Reading PyTorch-side weight files (diffusers' `.safetensors`, torch `.bin` / `.pt` / `.pth` state dicts) as NumPy,
+and the steps the diffusers converters in `scripts/` share (config file, output folder, strict load and save).
 
-Used by the converters in `scripts/`. `safetensors` and `torch` are imported only when a file of their format is
-read: ms_ddpm itself needs neither.
+`safetensors` and `torch` are imported only when a file of their format is read, MindSpore only when a network is
+saved: ms_ddpm itself needs neither torch nor safetensors, and a bad argument is reported without MindSpore's
+start-up time.
 """
+import json
 import os
+import sys
 
 
 class StateDictError(ValueError):
-    """A weight file that cannot be read as a state dict; the message names the file and the fix."""
+    """A converter input that cannot be used (weight file, config file, output path); the message names the file and
+    the fix."""
 
 
 def read_state_dict(path):
@@ -37,3 +42,52 @@ def read_state_dict(path):
         raise StateDictError(f"{path} holds a {type(state_dict).__name__} that is not a state dict of tensors")
     # numpy has no bfloat16; the networks are float32 anyway
     return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state_dict.items()}
+
+
+def read_config(path):
+    """A model's diffusers config.json as a dict."""
+    if not os.path.isfile(path):
+        raise StateDictError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise StateDictError(f"{path} is not valid JSON: {e}") from None
+
+
+def check_output_folder(path):
+    """Refuse an output path whose folder does not exist, before any slow work."""
+    output_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(output_dir):
+        raise StateDictError(f"output directory does not exist: {output_dir}")
+
+
+def save_diffusers_weights(net, state_dict, input_path, output_path, append_dict=None):
+    """Load a diffusers state dict read from `input_path` into `net` strictly, then save `net` to `output_path`
+    (with `append_dict`'s entries, as `mindspore.save_checkpoint`)."""
+    import mindspore as ms
+
+    from .ddpm_unet import load_diffusers_weights
+
+    try:
+        load_diffusers_weights(net, state_dict)
+    except ValueError as e:
+        raise StateDictError(f"{input_path} does not fit {type(net).__name__}: {e}") from None
+    try:
+        ms.save_checkpoint(net, output_path, append_dict=append_dict)
+    except OSError as e:
+        raise StateDictError(f"cannot write {output_path}: {e}") from None
+
+
+def describe(net, kwargs):
+    """The converters' summary of what they wrote: 'N parameters, Class(arg=value, ...)'."""
+    n_params = sum(p.size for p in net.get_parameters())
+    arguments = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return f"{n_params:,} parameters, {type(net).__name__}({arguments})"
+
+
+def report_error(prog, error):
+    """Print `error` as one line, `prog: error: ...`, on stderr; return 2, argparse's status for bad arguments."""
+    message = " ".join(str(error).split())
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
