@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from ms_ddpm.diffusion import GaussianDiffusion
+from ms_ddpm.processes import GaussianDiffusion
 from ms_ddpm.kernels import build
 from ms_ddpm.kernels.group_norm import GroupNormKernels
 from ms_ddpm.losses import DiffusionLoss
