@@ -18,6 +18,7 @@ from ms_ddpm.config import Config, ConfigError
 from ms_ddpm.processes import GaussianDiffusion
 from ms_ddpm.losses import DiffusionLoss
 from ms_ddpm.models.unet import Unet
+from ms_ddpm.pipeline import DiffusionPipeline
 from ms_ddpm.schedules import get_beta_schedule
 from ms_ddpm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from ms_ddpm.train.ema import EMA
@@ -249,11 +250,42 @@ def test_cli_bad_inputs_end_with_a_message_and_status_2(tmp_path, capsys):
     assert code == 2 and "cannot resume: the config differs" in err and "train.lr" in err
 
     ckpt = tmp_path / "run" / "ckpt_00000002.ckpt"
+    # sampling arguments are refused before the checkpoint is read
+    (tmp_path / "a_file").write_text("")
+    for argv, expected in [(["--out", str(tmp_path / "a_file")], "is a file; name a folder"),
+                           (["--num", "0"], "--num must be an integer >= 1, got 0"),
+                           (["--num", "-3"], "--num must be an integer >= 1, got -3"),
+                           (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+                           (["--grid", "0"], "--grid must be an integer >= 1, got 0")]:
+        code, err = run_cli(capsys, "sample", "--ckpt", str(ckpt), "--mode", "pynative", *argv)
+        assert code == 2 and expected in err and err.count("\n") == 1, err
+
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     code, err = run_cli(capsys, "sample", "--ckpt", str(ckpt), "--mode", "pynative")
     assert code == 2 and "corrupt or truncated" in err
     code, err = run_cli(capsys, "train", "--config", str(good), "--resume")
     assert code == 2 and "corrupt or truncated" in err
+
+
+def test_image_size_the_unet_cannot_halve_is_refused_before_compiling(tmp_path, capsys):
+    """One line and status 2 from `ms-ddpm train` (graph mode: nothing is compiled, no C++ stack), for both
+    U-Nets; the pipeline refuses the same config."""
+    cfg = tiny_config(tmp_path / "run")
+    config = tmp_path / "odd.yaml"
+    config.write_text(cfg.to_yaml())
+    code, err = run_cli(capsys, "train", "--config", str(config), "--set", "data.image_size=9")
+    assert code == 2 and err.count("\n") == 1, err
+    assert ("data.image_size=9: Unet: image size 9x9 cannot be halved 1 times; height and width must be multiples "
+            "of 2") in err
+    ddpm_unet = {"in_channels": 1, "ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                 "image_size": 8, "num_groups": 4, "dropout": 0.0}
+    code, err = run_cli(capsys, "train", "--config", str(config), "--set", "model.name=ddpm_unet",
+                        f"model.kwargs={json.dumps(ddpm_unet)}", "data.image_size=10")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "data.image_size=10: DDPMUNet: input height and width must be multiples of 4, got 10x10" in err
+    cfg.data.image_size = 7
+    with pytest.raises(ConfigError, match="multiples of 2"):
+        DiffusionPipeline(Unet(**TINY_MODEL), GaussianDiffusion(get_beta_schedule("linear", 100)), cfg)
 
 
 def test_persistent_nan_loss_aborts_with_a_message(tmp_path, capsys):

@@ -315,12 +315,18 @@ class Unet(nn.Cell):
         self.final_res_block = block(init_dim * 2, dim)
         self.final_conv = conv2d(dim, self.out_dim, 1)
 
-    def construct(self, x, time, cond=None):
-        if x.shape[-2] % self.downsample_factor != 0 or x.shape[-1] % self.downsample_factor != 0:
+    def check_image_size(self, height, width):
+        """Refuse (ValueError) an image size the levels cannot halve. The trainer and the pipeline call it before
+        any graph is compiled (a failure inside compilation comes with MindSpore's C++ stack); construct calls it
+        for direct users."""
+        if height % self.downsample_factor != 0 or width % self.downsample_factor != 0:
             raise ValueError(
-                f"Unet: image size {x.shape[-2]}x{x.shape[-1]} cannot be halved {len(self.downs) - 1} times; "
+                f"Unet: image size {height}x{width} cannot be halved {len(self.downs) - 1} times; "
                 f"height and width must be multiples of {self.downsample_factor} (change dim_mults or the size)"
             )
+
+    def construct(self, x, time, cond=None):
+        self.check_image_size(x.shape[-2], x.shape[-1])
         x = self.init_conv(x)
         r = x
         t = add_class_embedding(self.time_mlp(time), self.class_embedding, cond, "Unet", "num_classes")
