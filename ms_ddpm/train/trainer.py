@@ -33,7 +33,7 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 import yaml
-from mindspore import amp, nn
+from mindspore import amp, nn, ops
 from tqdm.auto import tqdm
 
 from ..checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
@@ -46,9 +46,10 @@ from ..processes import create_process
 from ..runtime import set_runtime
 from ..utils import check_choice
 from ..visualize import save_image_grid
+from .distributed import download_once
 from .ema import EMA
 from .lr_schedule import warmup_cosine_lr
-from .step import TrainStep
+from .step import DataParallelReduce, TrainStep
 
 # train.* keys that may change between a run and its resumption; everything else must match. (A new train.steps
 # stretches the cosine schedule from the resumed step on.)
@@ -68,6 +69,21 @@ class Preempted(RuntimeError):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}")
 
 
+class SumOverRanks:
+    """x -> the sum of x over all ranks, compiled: MindSpore 2.8's op-by-op `comm_func.all_reduce` has no CPU kernel
+    ("Create kernelmod for op InnerCommAllReduce failed")."""
+
+    def __init__(self):
+        self.all_reduce = ops.AllReduce()
+        self._sum = ms.jit(self._sum_impl)
+
+    def _sum_impl(self, x):
+        return self.all_reduce(x)
+
+    def __call__(self, x):
+        return self._sum(x)
+
+
 class StopSignals:
     """While active (a context manager), SIGTERM and SIGINT only record that a stop was asked for, so the loop can
     finish its step and write a checkpoint; a second signal gets the previous behaviour back (stop at once).
@@ -81,6 +97,7 @@ class StopSignals:
         self.group_size = group_size
         self.received = None
         self.previous = {}
+        self.sum_over_ranks = SumOverRanks() if group_size > 1 else None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -104,11 +121,27 @@ class StopSignals:
         stops after the same step and all exit with the same status."""
         if self.group_size == 1:
             return self.received
-        from mindspore.communication.comm_func import all_reduce
+        # float32 sums: the only reduction and dtypes (with float16) of MindSpore's CPU AllReduce
+        flags = np.array([self.received == s for s in self.SIGNALS], np.float32)
+        total = self.sum_over_ranks(ms.Tensor(flags)).asnumpy()
+        return next((s for s, n in zip(self.SIGNALS, total) if n > 0), None)
 
-        flags = np.array([self.received == s for s in self.SIGNALS], np.int32)
-        total, _ = all_reduce(ms.Tensor(flags), "sum")  # MindSpore's CPU backend reduces by sum only
-        return next((s for s, n in zip(self.SIGNALS, total.asnumpy()) if n > 0), None)
+    def synchronize(self):
+        """Return on every rank once all have called it: the ranks other than 0 wait here while rank 0 writes the
+        checkpoint, so a launcher that stops the job when one rank exits cannot stop rank 0 mid-write."""
+        if self.group_size > 1:
+            self.sum_over_ranks(ms.Tensor(np.zeros(len(self.SIGNALS), np.float32))).asnumpy()
+
+
+def mixed_precision(model, amp_level, dtype):
+    """`model` at MindSpore's mixed-precision `amp_level` in `dtype`, with every GroupNorm kept in float32 (as
+    mindone keeps nn.GroupNorm among its float32 cells; Ascend's aclnnGroupNorm wants input and weights of one dtype).
+    The returned network is the one to train: O1 may build a new one rather than cast in place."""
+    model = amp.auto_mixed_precision(model, amp_level, dtype)
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, nn.GroupNorm):
+            cell.to_float(ms.float32)
+    return model
 
 
 def build_loss_scaler(t):
@@ -181,7 +214,7 @@ class Trainer:
         # the null label is the row after the classes (Unet(num_classes=N): row N); used only with label dropout
         self.null_label = len(cfg.data.class_names) if self.conditional else None
         if t.amp_level != "O0":
-            amp.auto_mixed_precision(self.model, t.amp_level, getattr(ms, t.amp_dtype))
+            self.model = mixed_precision(self.model, t.amp_level, getattr(ms, t.amp_dtype))
         d = cfg.diffusion
         if d.process == "ncsn":
             self.loss_fn = NCSNLoss(self.model, self.process.sigmas)
@@ -199,13 +232,11 @@ class Trainer:
         self.grid_pipeline = None  # the sampling network, built at the first grid and reused for every later one
         self.lr_values = warmup_cosine_lr(t.lr, t.steps, t.warmup_steps, t.min_lr, t.lr_schedule)
         self.optimizer = build_optimizer(t, self.model.trainable_params(), self.lr_values)
-        reducer = None
-        if group_size > 1:
-            reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=group_size)
-        if group_size > 1 and cfg.data.download:
-            self._download_on_rank0()
+        reduce = DataParallelReduce(self.optimizer.parameters, group_size) if group_size > 1 else None
+        if group_size > 1 and cfg.data.download:  # before the ranks' pipelines, which would each download
+            download_once(cfg.data.name, cfg.data.root, rank)
         self.step_fn = TrainStep(self.loss_fn, self.optimizer, build_loss_scaler(t), t.grad_clip,
-                                 t.grad_accumulation, reducer, jit=t.mode == "graph")
+                                 t.grad_accumulation, reduce, jit=t.mode == "graph")
         self.ema = EMA(self.model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
         self.step = 0
         self.log_path = self.output_dir / "train_log.jsonl"
@@ -227,17 +258,6 @@ class Trainer:
             raise ConfigError(f"data.class_names {c.class_names} differ from the classes of the data, {names}: "
                               "drop data.class_names (the trainer fills it in)")
         c.class_names = names
-
-    def _download_on_rank0(self):
-        """Rank 0 fetches a missing data set while the others wait, so no two ranks write the same files."""
-        from mindspore.communication.comm_func import barrier
-
-        from ..data import download_dataset
-
-        c = self.cfg.data
-        if self.rank == 0:
-            download_dataset(c.name, c.root)
-        barrier()
 
     # --- state -------------------------------------------------------------------------------------------------
     def state_parameters(self):
@@ -366,19 +386,11 @@ class Trainer:
             if self.rank == 0 and (signum or t.save_every and (self.step % t.save_every == 0 or self.step == until)):
                 self.save()
             if signum:
-                self._stop_together()
+                stop.synchronize()
                 raise Preempted(signum, self.step, checkpoint_path(self.output_dir, self.step))
             if self.rank == 0 and t.sample_every and (self.step % t.sample_every == 0 or self.step == until):
                 self.sample_grid(self.output_dir / f"samples_{self.step:08d}.png")
         return loss
-
-    def _stop_together(self):
-        """The ranks other than 0 wait here until rank 0 has written the checkpoint: a launcher that stops the job
-        when one rank exits must not stop rank 0 in the middle of its write."""
-        if self.group_size > 1:
-            from mindspore.communication.comm_func import barrier
-
-            barrier()
 
     def train(self, until=None):
         """Train to `train.steps` (or only to step `until`; the run can be continued later) and return the last loss."""
