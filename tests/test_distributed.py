@@ -173,7 +173,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     _, config = write_config(tmp_path, steps=400, save_every=400, log_every=1, lr_schedule="constant")
     proc = launch(tmp_path, config, popen=True)
     log = tmp_path / "run" / "train_log.jsonl"
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while (not log.is_file() or log.read_text().count('"loss"') < 3) and time.time() < deadline:
         time.sleep(0.1)
     pid = int(re.search(r"rank 1 of 2: pid (\d+)", worker_log(tmp_path, 1)).group(1))
