@@ -34,6 +34,7 @@ import mindspore as ms
 import numpy as np
 import yaml
 from mindspore import amp, nn, ops
+from mindspore.train.amp import AMP_WHITE_LIST
 from tqdm.auto import tqdm
 
 from ..checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
@@ -134,10 +135,21 @@ class StopSignals:
 
 
 def mixed_precision(model, amp_level, dtype):
-    """`model` at MindSpore's mixed-precision `amp_level` in `dtype`, with every GroupNorm kept in float32 (as
-    mindone keeps nn.GroupNorm among its float32 cells; Ascend's aclnnGroupNorm wants input and weights of one dtype).
-    The returned network is the one to train: O1 may build a new one rather than cast in place."""
-    model = amp.auto_mixed_precision(model, amp_level, dtype)
+    """`model` at mixed-precision `amp_level` in `dtype`, with every GroupNorm kept in float32 (as mindone keeps
+    nn.GroupNorm among its float32 cells; Ascend's aclnnGroupNorm wants input and weights of one dtype).
+
+    The returned network is the one to train: `amp.auto_mixed_precision` wraps the network at O2 and O3. O1 is
+    MindSpore's white list applied per Cell (its convolutions and dense layers in `dtype`), as MindSpore did before
+    2.x: MindSpore 2.8's O1 rewrites the network's source with mindspore.rewrite, which fails on this U-Net
+    ("NameError: name 'Conv2dOpt' is not defined").
+    """
+    if amp_level == "O1":
+        white_list = tuple(c for c in AMP_WHITE_LIST if isinstance(c, type) and issubclass(c, nn.Cell))
+        for _, cell in model.cells_and_names():
+            if isinstance(cell, white_list):
+                cell.to_float(dtype)
+    else:
+        model = amp.auto_mixed_precision(model, amp_level, dtype)
     for _, cell in model.cells_and_names():
         if isinstance(cell, nn.GroupNorm):
             cell.to_float(ms.float32)
