@@ -18,7 +18,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ..utils import check_int
+from ..utils import check_halvable, check_int
 from .embeddings import add_class_embedding, class_embedding_table, timestep_embedding
 from .normalization import GroupNorm
 
@@ -300,10 +300,7 @@ class DDPMUNet(nn.Cell):
         """Refuse (ValueError) an input size the levels cannot halve. The trainer and the pipeline call it before
         any graph is compiled (a failure inside compilation comes with MindSpore's C++ stack); construct calls it
         for direct users."""
-        if height % self.size_multiple != 0 or width % self.size_multiple != 0:
-            raise ValueError(
-                f"DDPMUNet: input height and width must be multiples of {self.size_multiple}, got {height}x{width}."
-            )
+        check_halvable("DDPMUNet", height, width, len(self.down_blocks) - 1, "ch_mult")
 
     def construct(self, x, t, cond=None):
         """x (B, C, H, W), t (B,) timesteps, cond (B,) class labels or None -> epsilon prediction
