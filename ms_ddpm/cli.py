@@ -22,9 +22,10 @@ USER_ERRORS = (ConfigError, CheckpointError, DownloadError, FileNotFoundError, V
 
 
 def train_main(args):
+    """Returns the exit status: 0 when training finished, 128 + the signal number when a signal stopped it."""
     from .runtime import set_runtime
     from .train.distributed import init_distributed
-    from .train.trainer import Trainer, TrainingError
+    from .train.trainer import Preempted, Trainer, TrainingError
 
     cfg = Config.load(args.config, args.set)
     set_runtime(cfg.train)  # the device must be set before a distributed init
@@ -37,13 +38,31 @@ def train_main(args):
         loss = trainer.train()
     except TrainingError as err:
         raise ConfigError(str(err)) from None
+    except Preempted as stop:
+        if rank == 0:
+            again = args.argv + ([] if args.resume else ["--resume"])
+            how = (f"resume with: {shlex.join(['ms-ddpm'] + again)}" if group_size == 1 else
+                   "resume by relaunching the job with --resume among the train arguments (after -- for the launchers)")
+            print(f"ms-ddpm train: {stop}; {how}", file=sys.stderr, flush=True)
+        else:
+            print(f"rank {rank}: stopped after step {stop.step} with the other ranks", file=sys.stderr, flush=True)
+        return 128 + stop.signum  # the shell's status for a process ended by that signal
     print(f"done: step {trainer.step}, loss {loss:.4f}, outputs in {cfg.train.output_dir}")
+    return 0
 
 
 def sample_main(args):
     from .pipeline import DiffusionPipeline, default_sampler
+    from .utils import check_int
     from .visualize import save_denoising_animation, save_image_grid
 
+    # checked before the checkpoint is read and anything compiled
+    check_int("--num", args.num, 1)
+    check_int("--batch-size", args.batch_size, 1)
+    check_int("--grid", args.grid, 1)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; name a folder (new or existing) for samples.npz and samples.png")
     pipe = DiffusionPipeline.from_checkpoint(args.ckpt, not args.no_ema, args.mode, args.device)
     cfg = pipe.config
     name = args.sampler or default_sampler(cfg)
@@ -60,7 +79,6 @@ def sample_main(args):
 
     samples, labels = pipe(args.num, args.class_labels, args.guidance_scale, sampler, args.steps, args.seed,
                            args.batch_size, callback=keep_first_batch)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "samples.npz", samples=samples, **({} if labels is None else {"labels": labels}))
     save_image_grid(samples[:args.grid], out / "samples.png", labels=None if labels is None else labels[:args.grid])
@@ -88,7 +106,7 @@ def evaluate_main(args):
                           bpd_ode_batches=args.bpd_ode_batches, bpd_ode_steps=args.bpd_ode_steps,
                           guidance_scale=args.guidance_scale, **common)
     # the command with every option spelled out, defaults included, so the numbers can be reproduced
-    options = [(k, v) for k, v in vars(args).items() if k not in ("command", "func") and v not in (None, False)]
+    options = [(k, v) for k, v in vars(args).items() if k not in ("command", "func", "argv") and v not in (None, False)]
     result["command"] = shlex.join(["ms-ddpm", "evaluate"] + [
         item for k, v in options for item in (["--" + k.replace("_", "-")] + ([] if v is True else [str(v)]))])
     result["machine"] = machine_description()
@@ -170,9 +188,11 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for the resume command a preempted run prints
     try:
-        args.func(args)
+        return args.func(args) or 0
     except USER_ERRORS as err:
         print(f"ms-ddpm {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -182,7 +202,6 @@ def main(argv=None):
             raise
         print(f"ms-ddpm {args.command}: error: {user_error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -73,6 +73,14 @@ def check_class_rows(network, cfg):
                           "per class and the null label that diffusion.cond_drop_prob trains)")
 
 
+def check_image_size(network, cfg):
+    """Refuse a `data.image_size` the network cannot take, before any graph is compiled."""
+    try:
+        network.check_image_size(cfg.data.image_size, cfg.data.image_size)
+    except ValueError as err:
+        raise ConfigError(f"data.image_size={cfg.data.image_size}: {err}") from None
+
+
 class DiffusionPipeline:
     """network + process + config -> samples; see the module docstring.
 
@@ -84,6 +92,7 @@ class DiffusionPipeline:
 
     def __init__(self, network, process, config):
         check_class_rows(network, config)
+        check_image_size(network, config)
         network.set_train(False)
         self.network, self.process, self.config = network, process, config
         self._guided = None

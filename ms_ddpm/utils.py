@@ -24,6 +24,15 @@ def check_int(name, value, low, high=None):
     return int(value)
 
 
+def check_halvable(network, height, width, halvings, knob):
+    """Raise a ValueError unless a height x width image can be halved `halvings` times (by `network`, a name, whose
+    constructor argument `knob` sets how often); the message names both fixes."""
+    multiple = 2 ** halvings
+    if height % multiple != 0 or width % multiple != 0:
+        raise ValueError(f"{network}: image size {height}x{width} cannot be halved {halvings} times; height and width "
+                         f"must be multiples of {multiple} (change {knob} or the size)")
+
+
 def _cpu_model():
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

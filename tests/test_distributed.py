@@ -301,3 +301,29 @@ def test_killed_worker_fails_the_job_and_resume_continues(tmp_path):
     result = launch(tmp_path, config, "--", "--resume", "--set", f"train.steps={step + 5}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 1 of 2: pid" in worker_log(tmp_path, 1) and f"starting at step {step}" in worker_log(tmp_path, 1)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """A signal reaches one rank only: both stop after the same step (one all-reduce of the stop flags per step),
+    rank 0 writes that step's checkpoint while rank 1 waits, and the job resumes from it."""
+    _, config = write_config(tmp_path, steps=400, save_every=400, log_every=1, lr_schedule="constant")
+    proc = launch(tmp_path, config, popen=True)
+    log = tmp_path / "run" / "train_log.jsonl"
+    deadline = time.time() + 600
+    while (not log.is_file() or log.read_text().count('"loss"') < 3) and time.time() < deadline:
+        time.sleep(0.1)
+    pid = int(re.search(r"rank 1 of 2: pid (\d+)", worker_log(tmp_path, 1)).group(1))
+    os.kill(pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    (ckpt,) = sorted((tmp_path / "run").glob("ckpt_*.ckpt"))
+    step = load_checkpoint(ckpt)["step"]
+    assert f"stopped by SIGTERM after step {step}; checkpoint {ckpt}" in worker_log(tmp_path, 0)
+    assert f"rank 1: stopped after step {step} with the other ranks" in worker_log(tmp_path, 1)
+    assert "Traceback" not in worker_log(tmp_path, 0) + worker_log(tmp_path, 1)
+    result = launch(tmp_path, config, "--", "--resume", "--set", f"train.steps={step + 2}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    digests = [re.search(rf"finished step {step + 2}, weights digest (\w+)", worker_log(tmp_path, r)).group(1)
+               for r in (0, 1)]
+    assert digests[0] == digests[1] and f"starting at step {step}" in worker_log(tmp_path, 1)

@@ -124,13 +124,15 @@ def test_evaluate_reports_the_ode_bits_per_dim(run, capsys):
     assert code == 2 and "drop --bpd-batches and --bpd-ode-batches" in err
 
 
-@pytest.mark.parametrize("case", ["missing ckpt", "missing features", "unknown sampler", "ald", "num 1",
-                                  "missing data"])
+@pytest.mark.parametrize("case", ["missing ckpt", "missing features", "unknown sampler", "ald", "num 1", "num 0",
+                                  "num -5", "batch size 0", "missing data"])
 def test_bad_inputs_end_with_one_line_and_status_2(run, capsys, case):
     args = {"--ckpt": run["ckpt"], "--num": 4, "--steps": 2, "--mode": "pynative"}
     expected = {"missing ckpt": "does not exist", "missing features": "does not exist",
                 "unknown sampler": "use one of ['ddpm', 'ddim'", "ald": "'ald' does not sample a network of diffusion.process 'ddpm'",
-                "num 1": "num must be an integer >= 2", "missing data": "not found"}[case]
+                "num 1": "num must be an integer >= 2", "num 0": "num must be an integer >= 2, got 0",
+                "num -5": "num must be an integer >= 2, got -5",
+                "batch size 0": "batch_size must be an integer >= 1, got 0", "missing data": "not found"}[case]
     if case == "missing ckpt":
         args["--ckpt"] = run["root"] / "nope.ckpt"
     elif case == "missing features":
@@ -139,8 +141,10 @@ def test_bad_inputs_end_with_one_line_and_status_2(run, capsys, case):
         args["--sampler"] = "heun"
     elif case == "ald":
         args["--sampler"] = "ald"
-    elif case == "num 1":
-        args["--num"] = 1
+    elif case.startswith("num"):
+        args["--num"] = int(case.split()[1])
+    elif case == "batch size 0":
+        args["--batch-size"] = 0
     else:
         args["--data-root"] = run["root"] / "no_data"
     code, out, err = run_cli(capsys, "evaluate", *[x for kv in args.items() for x in kv])

@@ -114,13 +114,17 @@ def test_group_norm_equals_nn_group_norm_in_value_and_gradient(mode):
             np.testing.assert_allclose(a.asnumpy(), b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
 
+@pytest.mark.parametrize("by_matmul", [True, False], ids=["matmul row sums (CPU)", "reduced row sums (NPU, GPU)"])
 @pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
-def test_attention_softmax_equals_the_kernel_in_value_and_gradient(mode):
-    """The attention softmax's hand-written gradient (row sums as a matrix product, docs/performance.md) equals
-    automatic differentiation of `ops.softmax`, for float32 and float16 inputs."""
+def test_attention_softmax_equals_the_kernel_in_value_and_gradient(mode, by_matmul):
+    """The attention softmax's hand-written gradient (row sums as a matrix product on CPU, docs/performance.md; a
+    reduction elsewhere, docs/ascend.md) equals automatic differentiation of `ops.softmax`, for float32 and float16
+    inputs."""
     ms.set_context(mode=mode)
     rng = np.random.default_rng(0)
     ours = Softmax()
+    assert ours.row_sums_by_matmul  # the tests run on CPU
+    ours.row_sums_by_matmul = by_matmul
     for dtype, tol in [(ms.float32, 1e-6), (ms.float16, 2e-3)]:
         x = ms.Tensor(3 * rng.standard_normal((2, 3, 5, 7)), dtype)
         weights = ms.Tensor(rng.standard_normal((2, 3, 5, 7)), ms.float32)

@@ -2,7 +2,8 @@
 
 `cond` is the condition of the generation: for now a (B,) int32 tensor of class labels. A class-conditional network
 (built with `num_classes` / `num_class_embeds`) requires it, an unconditional one refuses it. Both networks expose
-`num_class_embeds`, the number of rows of their class embedding (None when unconditional).
+`num_class_embeds`, the number of rows of their class embedding (None when unconditional), and
+`check_image_size(height, width)`, which refuses a size the network cannot take before anything is compiled.
 """
 from ..utils import check_choice
 from .ddpm_unet import DDPMUNet

@@ -18,7 +18,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ..utils import check_int
+from ..utils import check_halvable, check_int
 from .convolution import Conv2d
 from .embeddings import add_class_embedding, class_embedding_table, timestep_embedding
 from .normalization import GroupNorm
@@ -298,13 +298,16 @@ class DDPMUNet(nn.Cell):
         self.conv_norm_out = GroupNorm(num_groups, widths[0], eps=eps)
         self.conv_out = _conv3x3(widths[0], out_channels)
 
+    def check_image_size(self, height, width):
+        """Refuse (ValueError) an input size the levels cannot halve. The trainer and the pipeline call it before
+        any graph is compiled (a failure inside compilation comes with MindSpore's C++ stack); construct calls it
+        for direct users."""
+        check_halvable("DDPMUNet", height, width, len(self.down_blocks) - 1, "ch_mult")
+
     def construct(self, x, t, cond=None):
         """x (B, C, H, W), t (B,) timesteps, cond (B,) class labels or None -> epsilon prediction
         (B, out_channels, H, W)."""
-        if x.shape[-2] % self.size_multiple != 0 or x.shape[-1] % self.size_multiple != 0:
-            raise ValueError(
-                f"DDPMUNet: input height and width must be multiples of {self.size_multiple}, got {x.shape[-2:]}."
-            )
+        self.check_image_size(x.shape[-2], x.shape[-1])
         # freq_shift 1 and sin-before-cos: the DDPM/TF ordering used by the google/ddpm-* checkpoints.
         temb = self.time_embedding(timestep_embedding(t, self.ch, flip_sin_to_cos=False, downscale_freq_shift=1))
         temb = add_class_embedding(temb, self.class_embedding, cond, "DDPMUNet", "num_class_embeds")

@@ -10,7 +10,7 @@ one of `embeddings.py` followed by an MLP. Layer names follow the tutorial, so w
 import mindspore as ms
 from mindspore import nn, ops
 
-from ..utils import check_choice, check_int
+from ..utils import check_choice, check_halvable, check_int
 from .convolution import Conv2d
 from .embeddings import SinusoidalPositionEmbeddings, add_class_embedding, class_embedding_table
 from .normalization import GroupNorm
@@ -128,18 +128,27 @@ def _split_heads(qkv, heads):
 
 
 class Softmax(nn.Cell):
-    """Softmax over the last axis, computed in float32, with its gradient's row sums done as a matrix product.
+    """Softmax over the last axis, computed in float32, with its gradient's row sums done as a matrix product on CPU.
 
     The gradient is y * (dy - sum(y * dy)) (the softmax Jacobian); MindSpore's CPU ReduceSum over a last axis of
-    32 to 784 pixels costs several times a product with a column of ones (docs/performance.md).
+    32 to 784 pixels costs several times a product with a column of ones (docs/performance.md). Other devices sum
+    with a reduction: on the Ascend 910A the default precision mode may run a float32 product in float16
+    (docs/ascend.md). The device is the one set when the network is built (`ms_ddpm.runtime.set_runtime`).
     """
+
+    def __init__(self):
+        super().__init__()
+        self.row_sums_by_matmul = ms.get_context("device_target") == "CPU"
 
     def construct(self, x):
         return ops.softmax(x.astype(ms.float32), axis=-1).astype(x.dtype)
 
     def bprop(self, x, out, dout):
         y, dy = out.astype(ms.float32), dout.astype(ms.float32)
-        row_sums = ops.matmul(y * dy, ops.ones((x.shape[-1], 1), ms.float32))
+        if self.row_sums_by_matmul:
+            row_sums = ops.matmul(y * dy, ops.ones((x.shape[-1], 1), ms.float32))
+        else:
+            row_sums = ops.sum(y * dy, dim=-1, keepdim=True)
         return ((y * (dy - row_sums)).astype(x.dtype),)
 
 
@@ -271,7 +280,6 @@ class Unet(nn.Cell):
         if num_classes is not None:
             num_classes = check_int("num_classes", num_classes, 1)
         self.channels = channels
-        self.downsample_factor = 2 ** (len(dim_mults) - 1)
         init_dim = init_dim or dim
         time_dim = dim * 4
 
@@ -317,12 +325,14 @@ class Unet(nn.Cell):
         self.final_res_block = block(init_dim * 2, dim)
         self.final_conv = conv2d(dim, self.out_dim, 1)
 
+    def check_image_size(self, height, width):
+        """Refuse (ValueError) an image size the levels cannot halve. The trainer and the pipeline call it before
+        any graph is compiled (a failure inside compilation comes with MindSpore's C++ stack); construct calls it
+        for direct users."""
+        check_halvable("Unet", height, width, len(self.downs) - 1, "dim_mults")
+
     def construct(self, x, time, cond=None):
-        if x.shape[-2] % self.downsample_factor != 0 or x.shape[-1] % self.downsample_factor != 0:
-            raise ValueError(
-                f"Unet: image size {x.shape[-2]}x{x.shape[-1]} cannot be halved {len(self.downs) - 1} times; "
-                f"height and width must be multiples of {self.downsample_factor} (change dim_mults or the size)"
-            )
+        self.check_image_size(x.shape[-2], x.shape[-1])
         x = self.init_conv(x)
         r = x
         t = add_class_embedding(self.time_mlp(time), self.class_embedding, cond, "Unet", "num_classes")

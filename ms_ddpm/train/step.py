@@ -3,6 +3,12 @@
 This is MindSpore 2.x's documented mixed-precision pattern (value_and_grad + jit + loss scaler + all_finite): a step
 whose gradients are not all finite changes no weight, and the dynamic scaler lowers its scale; after
 `scale_window` good steps in a row it raises it again (Micikevicius et al. 2018, "Mixed Precision Training", Sec. 3.2).
+
+Two Ascend hazards shape it. On Atlas training devices (910A, and 910B in saturation mode) `amp.all_finite` reads
+and clears the device's overflow flag instead of checking values, so each micro-batch's gradients are checked when
+they are made and the results kept (ANDed) across the micro-steps of an update; a check at the update alone would
+miss an overflow of an earlier micro-batch. And gradients are all-reduced once per update, after accumulation,
+not on every micro-step.
 """
 import mindspore as ms
 from mindspore import amp, nn, ops
@@ -13,12 +19,28 @@ def global_norm(grads):
     return ops.sqrt(ops.addn([ops.reduce_sum(ops.square(g.astype(ms.float32))) for g in grads]))
 
 
+class DataParallelReduce(nn.Cell):
+    """The data-parallel reduction of one update: `(grads, finite) -> (mean of the ranks' grads, finite on every
+    rank)`. The flags are reduced too because each rank's own overflow checks (the device flag on Ascend) saw only
+    its own gradients, and all ranks must skip or take the same updates. MindSpore's CPU backend reduces by sum only,
+    hence the count of ranks that overflowed."""
+
+    def __init__(self, parameters, group_size):
+        super().__init__()
+        self.grads = nn.DistributedGradReducer(parameters, mean=True, degree=group_size)
+        self.flags = ops.AllReduce()
+
+    def construct(self, grads, finite):
+        overflowed = self.flags(ops.logical_not(finite).astype(ms.float32).reshape((1,)))
+        return self.grads(grads), overflowed[0] == 0
+
+
 class TrainStep:
     """Callable `(x_start, t, noise, update, cond) -> (loss, finite, grad_norm)`.
 
     With `grad_accumulation` > 1, gradients of successive calls are summed in buffers, and the call with
     `update=True` applies their mean; `update` is a Python bool, so graph mode compiles one graph for each value.
-    `grad_reducer` averages gradients across data-parallel ranks (identity on one device).
+    `finite` says whether the gradients of every micro-batch of the update so far were finite.
 
     Args:
         loss_fn: Cell (x_start, t, noise, cond) -> scalar loss (a `DiffusionLoss`, or an `NCSNLoss` with level
@@ -26,10 +48,11 @@ class TrainStep:
         optimizer: a MindSpore optimizer over the trainable parameters.
         loss_scaler: `amp.DynamicLossScaler` or `amp.StaticLossScaler` (scale 1 for no scaling).
         grad_clip: global-norm bound, 0 to disable.
+        reduce: a `DataParallelReduce` across data-parallel ranks, called once per update; None on one device.
         jit: compile the step (graph mode); False runs it op by op (PyNative).
     """
 
-    def __init__(self, loss_fn, optimizer, loss_scaler, grad_clip=1.0, grad_accumulation=1, grad_reducer=None,
+    def __init__(self, loss_fn, optimizer, loss_scaler, grad_clip=1.0, grad_accumulation=1, reduce=None,
                  jit=True):
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -38,14 +61,16 @@ class TrainStep:
         self.grad_accumulation = int(grad_accumulation)
         if self.grad_accumulation < 1:
             raise ValueError(f"grad_accumulation must be >= 1, got {grad_accumulation}")
-        self.grad_reducer = grad_reducer or nn.Identity()
+        self.reduce = reduce
         self.weights = optimizer.parameters
-        self.accumulated = None
+        self.accumulated = self.finite_so_far = None
         if self.grad_accumulation > 1:
             self.accumulated = ms.ParameterTuple(
                 [ms.Parameter(ops.zeros(p.shape, ms.float32), name="grad_acc." + p.name, requires_grad=False)
                  for p in self.weights]
             )
+            # the AND of the finite checks of this update's micro-batches so far
+            self.finite_so_far = ms.Parameter(ms.Tensor(True), name="grad_acc.finite", requires_grad=False)
         if isinstance(loss_scaler, amp.DynamicLossScaler):  # default names "scale_value", "counter" say too little
             loss_scaler.scale_value.name = "loss_scaler.scale_value"
             loss_scaler.counter.name = "loss_scaler.counter"
@@ -58,16 +83,23 @@ class TrainStep:
 
     def _step_impl(self, x_start, t, noise, cond, update):
         (_, loss), grads = self.grad_fn(x_start, t, noise, cond)
-        grads = self.loss_scaler.unscale(self.grad_reducer(grads))
+        finite = amp.all_finite(grads)  # at once: on Ascend it reads (and clears) the flag these gradients set
         if self.grad_accumulation > 1:
+            finite = ops.logical_and(self.finite_so_far, finite)
             for acc, g in zip(self.accumulated, grads):
-                ops.assign_add(acc, g.astype(ms.float32) / self.grad_accumulation)
+                ops.assign_add(acc, g.astype(ms.float32))  # still scaled; unscaled once, at the update
             if not update:
-                return loss, amp.all_finite(grads), ops.zeros((), ms.float32)
-            grads = tuple(acc.value() for acc in self.accumulated)
+                ops.assign(self.finite_so_far, finite)
+                return loss, finite, ops.zeros((), ms.float32)
+            grads = tuple(acc.value() / self.grad_accumulation for acc in self.accumulated)
             for acc in self.accumulated:
                 ops.assign(acc, ops.zeros_like(acc))
-        finite = amp.all_finite(grads)
+            ops.assign(self.finite_so_far, ms.Tensor(True))
+        if self.reduce is not None:
+            grads, finite = self.reduce(grads, finite)
+        grads = self.loss_scaler.unscale(grads)
+        # the values themselves too: where all_finite reads a flag, reduction and unscaling may have overflowed
+        finite = ops.logical_and(finite, amp.all_finite(grads))
         norm = global_norm(grads)
         if finite:
             if self.grad_clip > 0:

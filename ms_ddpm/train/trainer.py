@@ -15,34 +15,43 @@ labels of optimizer step s, micro-batch m on rank r from the NumPy generator see
 of (seed, rank, step), all in the checkpoint, and a resumed run continues exactly as the uninterrupted run would
 (tested) on every rank, except for dropout masks and random flips, whose MindSpore-side generator state is not
 exposed.
+
+Preemption: SIGTERM (how clusters preempt a job) or SIGINT (Ctrl-C) during `train()` finishes the current optimizer
+step, writes a checkpoint of it and raises `Preempted`; `--resume` then continues exactly. In a distributed job the
+ranks agree on the step to stop at (`StopSignals.agreed`), rank 0 writes the checkpoint, and every rank stops there.
 """
 import hashlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 import yaml
-from mindspore import amp, nn
+from mindspore import amp, nn, ops
+from mindspore.train.amp import AMP_WHITE_LIST
 from tqdm.auto import tqdm
 
-from ..checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from ..checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError
 from ..data import create_dataset
 from ..losses import DiffusionLoss, NCSNLoss
 from ..models import create_model
-from ..pipeline import DiffusionPipeline, build_sampler, check_class_rows
+from ..pipeline import DiffusionPipeline, build_sampler, check_class_rows, check_image_size
 from ..processes import create_process
 from ..runtime import set_runtime
 from ..utils import check_choice
 from ..visualize import save_image_grid
+from .distributed import download_once
 from .ema import EMA
 from .evaluation import TrainingEvaluation
 from .lr_schedule import warmup_cosine_lr
-from .step import TrainStep
+from .step import DataParallelReduce, TrainStep
 
 # train.* keys that may change between a run and its resumption; everything else must match. (A new train.steps
 # stretches the cosine schedule from the resumed step on.)
@@ -52,6 +61,100 @@ RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "save_every", "keep_chec
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a loss that stays non-finite); the message says what to change."""
+
+
+class Preempted(RuntimeError):
+    """Training stopped on a signal after step `step`, whose checkpoint (written by rank 0) is `checkpoint`."""
+
+    def __init__(self, signum, step, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint}")
+
+
+class SumOverRanks:
+    """x -> the sum of x over all ranks, compiled: MindSpore 2.8's op-by-op `comm_func.all_reduce` has no CPU kernel
+    ("Create kernelmod for op InnerCommAllReduce failed")."""
+
+    def __init__(self):
+        self.all_reduce = ops.AllReduce()
+        self._sum = ms.jit(self._sum_impl)
+
+    def _sum_impl(self, x):
+        return self.all_reduce(x)
+
+    def __call__(self, x):
+        return self._sum(x)
+
+
+class StopSignals:
+    """While active (a context manager), SIGTERM and SIGINT only record that a stop was asked for, so the loop can
+    finish its step and write a checkpoint; a second signal gets the previous behaviour back (stop at once).
+
+    Outside the main thread Python cannot handle signals, and nothing is changed.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the order of the flags in `agreed`
+
+    def __init__(self, group_size=1):
+        self.group_size = group_size
+        self.received = None
+        self.previous = {}
+        self.sum_over_ranks = SumOverRanks() if group_size > 1 else None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        # no print here: a handler that writes while the interrupted code writes the same stream raises
+        self.received = signum
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self):
+        """The signal to stop on now, or None: on one device the one received; with several ranks, which each
+        receive a signal at another moment, one all-reduce of a flag per signal (SIGTERM first), so every rank
+        stops after the same step and all exit with the same status."""
+        if self.group_size == 1:
+            return self.received
+        # float32 sums: the only reduction and dtypes (with float16) of MindSpore's CPU AllReduce
+        flags = np.array([self.received == s for s in self.SIGNALS], np.float32)
+        total = self.sum_over_ranks(ms.Tensor(flags)).asnumpy()
+        return next((s for s, n in zip(self.SIGNALS, total) if n > 0), None)
+
+    def synchronize(self):
+        """Return on every rank once all have called it: the ranks other than 0 wait here while rank 0 writes the
+        checkpoint, so a launcher that stops the job when one rank exits cannot stop rank 0 mid-write."""
+        if self.group_size > 1:
+            self.sum_over_ranks(ms.Tensor(np.zeros(len(self.SIGNALS), np.float32))).asnumpy()
+
+
+def mixed_precision(model, amp_level, dtype):
+    """`model` at mixed-precision `amp_level` in `dtype`, with every GroupNorm kept in float32 (as mindone keeps
+    nn.GroupNorm among its float32 cells; Ascend's aclnnGroupNorm wants input and weights of one dtype).
+
+    The returned network is the one to train: `amp.auto_mixed_precision` wraps the network at O2 and O3. O1 is
+    MindSpore's white list applied per Cell (its convolutions and dense layers in `dtype`), as MindSpore did before
+    2.x: MindSpore 2.8's O1 rewrites the network's source with mindspore.rewrite, which fails on this U-Net
+    ("NameError: name 'Conv2dOpt' is not defined").
+    """
+    if amp_level == "O1":
+        white_list = tuple(c for c in AMP_WHITE_LIST if isinstance(c, type) and issubclass(c, nn.Cell))
+        for _, cell in model.cells_and_names():
+            if isinstance(cell, white_list):
+                cell.to_float(dtype)
+    else:
+        model = amp.auto_mixed_precision(model, amp_level, dtype)
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, nn.GroupNorm):
+            cell.to_float(ms.float32)
+    return model
 
 
 def build_loss_scaler(t):
@@ -120,10 +223,11 @@ class Trainer:
         if self.conditional:
             self._take_class_names()
         check_class_rows(self.model, cfg)
+        check_image_size(self.model, cfg)
         # the null label is the row after the classes (Unet(num_classes=N): row N); used only with label dropout
         self.null_label = len(cfg.data.class_names) if self.conditional else None
         if t.amp_level != "O0":
-            amp.auto_mixed_precision(self.model, t.amp_level, getattr(ms, t.amp_dtype))
+            self.model = mixed_precision(self.model, t.amp_level, getattr(ms, t.amp_dtype))
         d = cfg.diffusion
         if d.process == "ncsn":
             self.loss_fn = NCSNLoss(self.model, self.process.sigmas)
@@ -141,13 +245,11 @@ class Trainer:
         self.grid_pipeline = None  # the sampling network, built at the first grid and reused for every later one
         self.lr_values = warmup_cosine_lr(t.lr, t.steps, t.warmup_steps, t.min_lr, t.lr_schedule)
         self.optimizer = build_optimizer(t, self.model.trainable_params(), self.lr_values)
-        reducer = None
-        if group_size > 1:
-            reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=group_size)
-        if group_size > 1 and cfg.data.download:
-            self._download_on_rank0()
+        reduce = DataParallelReduce(self.optimizer.parameters, group_size) if group_size > 1 else None
+        if group_size > 1 and cfg.data.download:  # before the ranks' pipelines, which would each download
+            download_once(cfg.data.name, cfg.data.root, rank)
         self.step_fn = TrainStep(self.loss_fn, self.optimizer, build_loss_scaler(t), t.grad_clip,
-                                 t.grad_accumulation, reducer, jit=t.mode == "graph")
+                                 t.grad_accumulation, reduce, jit=t.mode == "graph")
         self.ema = EMA(self.model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
         self.step = 0
         self.log_path = self.output_dir / "train_log.jsonl"
@@ -171,17 +273,6 @@ class Trainer:
             raise ConfigError(f"data.class_names {c.class_names} differ from the classes of the data, {names}: "
                               "drop data.class_names (the trainer fills it in)")
         c.class_names = names
-
-    def _download_on_rank0(self):
-        """Rank 0 fetches a missing data set while the others wait, so no two ranks write the same files."""
-        from mindspore.communication.comm_func import barrier
-
-        from ..data import download_dataset
-
-        c = self.cfg.data
-        if self.rank == 0:
-            download_dataset(c.name, c.root)
-        barrier()
 
     # --- state -------------------------------------------------------------------------------------------------
     def state_parameters(self):
@@ -274,24 +365,10 @@ class Trainer:
                                                    batch_size=t.num_samples, progress=False)
         save_image_grid(samples, path, labels=labels)
 
-    def train(self, until=None):
-        """Train to `train.steps` (or only to step `until`; the run can be continued later) and return the last loss."""
+    def _loop(self, until, global_batch, bar, stop):
+        """Optimizer steps from self.step to `until`; returns the last loss. `stop`: the run's `StopSignals`."""
         t = self.cfg.train
-        until = t.steps if until is None else min(until, t.steps)
-        if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")
-        global_batch = t.batch_size * t.grad_accumulation * self.group_size
-        self.log({"event": "start", "step": self.step, "global_batch_size": global_batch, "lr": t.lr,
-                  "devices": self.group_size})
-        if self.group_size > 1:
-            print(f"rank {self.rank} of {self.group_size}: pid {os.getpid()}, starting at step {self.step}", flush=True)
-        if self.rank == 0:
-            print(f"rank 0 of {self.group_size}: global batch {global_batch} = {t.batch_size} per device x "
-                  f"{self.group_size} devices x {t.grad_accumulation} accumulation; peak lr {t.lr:g}", flush=True)
-        self.model.set_train(True)
         nonfinite, loss, last_time, last_step = 0, float("nan"), time.perf_counter(), self.step
-        bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
         data = self.batches()
         drop = self.cfg.diffusion.cond_drop_prob
         while self.step < until:
@@ -321,13 +398,43 @@ class Trainer:
                 self.log({"step": self.step, "loss": loss, "lr": lr, "loss_scale": scale,
                           "grad_norm": float(norm.asnumpy()), "img_per_s": img_s})
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.1f}", scale=f"{scale:g}")
-            if self.rank == 0 and t.save_every and (self.step % t.save_every == 0 or self.step == until):
+            signum = stop.agreed() if self.step < until else None  # a signal during the last step changes nothing
+            if signum and self.rank == 0:
+                print(f"\n{signal.Signals(signum).name}: writing a checkpoint of step {self.step}, then stopping "
+                      "(send the signal again to stop at once)", file=sys.stderr, flush=True)
+            if self.rank == 0 and (signum or t.save_every and (self.step % t.save_every == 0 or self.step == until)):
                 self.save()
+            if signum:
+                stop.synchronize()
+                raise Preempted(signum, self.step, checkpoint_path(self.output_dir, self.step))
             if self.rank == 0 and t.sample_every and (self.step % t.sample_every == 0 or self.step == until):
                 self.sample_grid(self.output_dir / f"samples_{self.step:08d}.png")
             if self.evaluation is not None and (self.step % t.eval_every == 0 or self.step == t.steps):
                 self.evaluation(self)
-        bar.close()
+        return loss
+
+    def train(self, until=None):
+        """Train to `train.steps` (or only to step `until`; the run can be continued later) and return the last loss."""
+        t = self.cfg.train
+        until = t.steps if until is None else min(until, t.steps)
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml(), encoding="utf-8")
+        global_batch = t.batch_size * t.grad_accumulation * self.group_size
+        self.log({"event": "start", "step": self.step, "global_batch_size": global_batch, "lr": t.lr,
+                  "devices": self.group_size})
+        if self.group_size > 1:
+            print(f"rank {self.rank} of {self.group_size}: pid {os.getpid()}, starting at step {self.step}", flush=True)
+        if self.rank == 0:
+            print(f"rank 0 of {self.group_size}: global batch {global_batch} = {t.batch_size} per device x "
+                  f"{self.group_size} devices x {t.grad_accumulation} accumulation; peak lr {t.lr:g}", flush=True)
+        self.model.set_train(True)
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=self.rank != 0, dynamic_ncols=True)
+        try:
+            with StopSignals(self.group_size) as stop:
+                loss = self._loop(until, global_batch, bar, stop)
+        finally:
+            bar.close()
         if self.group_size > 1:
             print(f"rank {self.rank}: finished step {self.step}, weights digest {self.weights_digest()}", flush=True)
         return loss
