@@ -19,7 +19,7 @@ from ms_ddpm.metrics.features import MNISTClassifier, save_feature_extractor
 from ms_ddpm.models import create_model
 from ms_ddpm.train.trainer import Trainer, step_randomness
 from tests.helpers import MNIST5K
-from tests.test_ncsn_training import read_losses, weights
+from tests.test_ncsn_training import assert_resumed_like_uninterrupted, read_losses
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -96,11 +96,7 @@ def test_conditioning_survives_resume(full_run, tmp_path):
     resumed = Trainer(cond_config(tmp_path, sample_every=0))
     assert resumed.resume().name == "ckpt_00000004.ckpt" and resumed.step == 4
     resumed.train()
-    np.testing.assert_allclose(read_losses(tmp_path), read_losses(out)[4:], rtol=1e-6)
-    for name, value in weights(full.model).items():
-        np.testing.assert_allclose(weights(resumed.model)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
-    for a, b in zip(full.ema.ema_weights, resumed.ema.ema_weights):
-        np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-6, atol=1e-7)
+    assert_resumed_like_uninterrupted(full, out, resumed, tmp_path, 4)
 
 
 def test_evaluate_reports_class_accuracy(full_run, tmp_path, capsys):

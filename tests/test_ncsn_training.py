@@ -50,6 +50,16 @@ def weights(net):
     return {p.name: p.asnumpy().copy() for p in net.trainable_params()}
 
 
+def assert_resumed_like_uninterrupted(full, full_dir, resumed, resumed_dir, first_step):
+    """The resumed trainer logged the uninterrupted run's losses from `first_step` on and ends with its weights and
+    EMA weights."""
+    np.testing.assert_allclose(read_losses(resumed_dir), read_losses(full_dir)[first_step:], rtol=1e-6)
+    for name, value in weights(full.model).items():
+        np.testing.assert_allclose(weights(resumed.model)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+    for a, b in zip(full.ema.ema_weights, resumed.ema.ema_weights):
+        np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-6, atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def graph_run(tmp_path_factory):
     """STEPS graph-mode steps, a checkpoint half way and at the end, one ALD grid at the end."""
@@ -82,11 +92,7 @@ def test_resume_continues_exactly_like_the_uninterrupted_run(graph_run, tmp_path
     resumed = Trainer(ncsn_config(split, sample_every=0))
     assert resumed.resume().name == "ckpt_00000006.ckpt" and resumed.step == 6
     resumed.train()
-    np.testing.assert_allclose(read_losses(split), read_losses(out)[6:], rtol=1e-6)
-    for name, value in weights(full.model).items():
-        np.testing.assert_allclose(weights(resumed.model)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
-    for a, b in zip(full.ema.ema_weights, resumed.ema.ema_weights):
-        np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-6, atol=1e-7)
+    assert_resumed_like_uninterrupted(full, out, resumed, split, 6)
 
 
 def run_cli(capsys, *argv):
