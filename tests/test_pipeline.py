@@ -12,6 +12,7 @@ from ms_ddpm.checkpoint import save_checkpoint
 from ms_ddpm.cli import main as cli_main
 from ms_ddpm.config import Config, ConfigError
 from ms_ddpm.guidance import ClassifierFreeGuidance
+from ms_ddpm.kernels import build as kernel_build
 from ms_ddpm.models import Unet
 from ms_ddpm.pipeline import DiffusionPipeline
 from ms_ddpm.processes import create_process
@@ -45,15 +46,24 @@ def checkpoints(tmp_path_factory, pipe):
     return {"conditional": ckpt, "unconditional": FIXTURES / "old_format_unet.ckpt", "root": root}
 
 
-def test_old_format_checkpoint_samples_bit_identically():
+@pytest.mark.parametrize("ops_used", ["native ops", "CPU kernels"])
+def test_old_format_checkpoint_samples_as_before(ops_used, monkeypatch):
     """The unconditional checkpoint written before class conditioning existed (tests/fixtures/README.md): the same
-    EMA weights, and DDIM-5 in graph mode draws exactly the samples the old code drew."""
+    EMA weights, and DDIM-5 in graph mode draws the samples the old code drew. Bit for bit through the conditioning
+    reshape; since GroupNorm left BatchNorm's kernel for MindSpore's GroupNorm op (native ops) or ms_ddpm's CPU
+    kernels, which sum in other orders, to float32 rounding (measured: 2.4e-7 at most with the native ops, 3.0e-7
+    with the kernels)."""
+    if ops_used == "native ops":
+        monkeypatch.setattr(kernel_build, "_loaded", {"library": None})  # as if the kernels could not be built
+    elif kernel_build.load() is None:
+        pytest.skip("the CPU kernels cannot be built here")
     ms.set_context(mode=ms.GRAPH_MODE)
     old = DiffusionPipeline.from_checkpoint(FIXTURES / "old_format_unet.ckpt", mode="graph")
     assert old.weights == "ema" and old.checkpoint_step == 3 and not old.conditional
     samples, labels = old(6, sampler="ddim", steps=5, seed=11, progress=False)
     assert labels is None
-    np.testing.assert_array_equal(samples, np.load(FIXTURES / "old_format_ddim5_seed11.npy"))
+    expected = np.load(FIXTURES / "old_format_ddim5_seed11.npy")
+    np.testing.assert_allclose(samples, expected, rtol=0, atol=2e-6)
 
 
 def test_labels_repeat_or_cover_every_class_equally(pipe):
