@@ -156,8 +156,10 @@ def parse(cmd, prog, parse_args=True):
         raise _Parsed(self, real(self, args, namespace) if parse_args else None)
 
     err = io.StringIO()
+    script_dir = [] if prog.script is None else [str((REPO / prog.script).parent)]  # as `python script.py` has
     with mock.patch.object(argparse.ArgumentParser, "parse_args", stop), \
             mock.patch.object(sys, "argv", [prog.script or "ms-ddpm", *prog.args]), \
+            mock.patch.object(sys, "path", [*script_dir, *sys.path]), \
             contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
             if prog.script is None:
