@@ -19,8 +19,8 @@ class embedding added to the time embedding) convert too. Load the result with:
 import argparse
 import sys
 
-from ms_ddpm.models.state_dict import (StateDictError, check_output_folder, describe, read_config,
-                                      read_state_dict, report_error, save_diffusers_weights)
+from ms_ddpm.models.state_dict import (StateDictError, check_diffusers_options, check_output_folder, describe,
+                                      read_config, read_state_dict, report_error, save_diffusers_weights)
 from ms_ddpm.utils import check_int
 
 PROG = "convert_diffusers_unet"
@@ -58,14 +58,7 @@ def ddpm_unet_kwargs(config):
     """Map a diffusers UNet2DModel config dict to DDPMUNet keyword arguments; ConversionError if impossible."""
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ConversionError(f"config is for {config['_class_name']}, not UNet2DModel")
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in _FIXED_OPTIONS and k not in
-                     _HANDLED_OPTIONS)
-    if unknown:
-        raise ConversionError(f"config has options DDPMUNet does not know: {', '.join(unknown)}")
-    for key, (default, required) in _FIXED_OPTIONS.items():
-        value = config.get(key, default)
-        if value != required:
-            raise ConversionError(f"DDPMUNet needs {key}={required!r}, config has {value!r}")
+    check_diffusers_options(config, "DDPMUNet", _FIXED_OPTIONS, _HANDLED_OPTIONS, ConversionError)
 
     widths = list(config.get("block_out_channels", (224, 448, 672, 896)))
     down_types = list(config.get("down_block_types",

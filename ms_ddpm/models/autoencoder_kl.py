@@ -18,6 +18,7 @@ from mindspore import nn, ops
 
 from .ddpm_unet import AttentionBlock, Downsample2D, Upsample2D
 from .normalization import GroupNorm
+from .state_dict import check_diffusers_options
 from .unet import conv2d
 
 __all__ = ["AutoencoderKL", "kl_standard_normal", "sample_posterior"]
@@ -241,14 +242,8 @@ class AutoencoderKL(nn.Cell):
         """The constructor arguments for a diffusers `AutoencoderKL` config dict; ValueError as above."""
         if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             raise ValueError(f"config is for {config['_class_name']}, not AutoencoderKL")
-        known = set(_FIXED_OPTIONS) | set(_BLOCK_TYPES) | set(_ARGUMENTS) | set(_IGNORED_OPTIONS)
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
-        if unknown:
-            raise ValueError(f"config has options AutoencoderKL does not know: {', '.join(unknown)}")
-        for key, (default, required) in _FIXED_OPTIONS.items():
-            value = config.get(key, default)
-            if value != required:
-                raise ValueError(f"AutoencoderKL needs {key}={required!r}, config has {value!r}")
+        check_diffusers_options(config, "AutoencoderKL", _FIXED_OPTIONS,
+                                set(_BLOCK_TYPES) | set(_ARGUMENTS) | set(_IGNORED_OPTIONS))
         kwargs = {key: config.get(key, default) for key, default in _ARGUMENTS.items()}
         kwargs["block_out_channels"] = tuple(kwargs["block_out_channels"])
         levels = len(kwargs["block_out_channels"])

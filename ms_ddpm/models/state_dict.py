@@ -55,6 +55,18 @@ def read_config(path):
         raise StateDictError(f"{path} is not valid JSON: {e}") from None
 
 
+def check_diffusers_options(config, network, fixed, known, error=ValueError):
+    """Refuse a diffusers config dict with options `network` does not know (`known` or `fixed`) or a `fixed` option
+    (name -> (diffusers' default when absent, the value `network` hard-wires)) set otherwise; raises `error`."""
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known and k not in fixed)
+    if unknown:
+        raise error(f"config has options {network} does not know: {', '.join(unknown)}")
+    for key, (default, required) in fixed.items():
+        value = config.get(key, default)
+        if value != required:
+            raise error(f"{network} needs {key}={required!r}, config has {value!r}")
+
+
 def check_output_folder(path):
     """Refuse an output path whose folder does not exist, before any slow work."""
     output_dir = os.path.dirname(os.path.abspath(path))
