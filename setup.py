@@ -29,6 +29,7 @@ setup(
     extras_require={
         "dev": [
             "pytest",
+            "pytest-xdist",  # the suite runs on two workers (setup.cfg): its tests are single-threaded
             # Reference implementations the tests compare against (same inputs, same weights).
             "torch==2.13.0",
             "diffusers",

@@ -1,9 +1,12 @@
 """Smoke test of scripts/benchmark.py: one run on a tiny U-Net writes a JSON with a positive img/s for every
-measured row, and MindSpore / PyTorch ratios when torch is installed."""
+measured row, and MindSpore / PyTorch ratios when torch is installed. Five subprocesses, each importing a framework
+and compiling its graphs: a long run, marked slow."""
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
@@ -25,6 +28,7 @@ def torch_installed():
     return True
 
 
+@pytest.mark.slow
 def test_benchmark_runs_on_a_tiny_config(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_CONFIG, encoding="utf-8")

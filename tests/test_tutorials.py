@@ -54,6 +54,12 @@ def test_committed_notebook_has_no_outputs(path):
             assert cell.execution_count is None, f"{path.name}, cell {i}: execution_count is not null"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_outputs():
+    """No earlier run's files: the notebooks reuse a finished run they find, and each must show its own work."""
+    shutil.rmtree(SMALL_OUT, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def kernel_dir(tmp_path_factory):
     """A kernelspec that starts ipykernel with this interpreter, in a temporary JUPYTER_PATH."""
