@@ -2,6 +2,12 @@
 import mindspore as ms
 from mindspore import nn, ops
 
+_map = ops.HyperMap()
+
+
+def _average(d, ema, w):
+    return ops.assign(ema, d * ema + (1 - d) * w.astype(ms.float32))
+
 
 class EMA(nn.Cell):
     """theta_ema <- d theta_ema + (1 - d) theta after an update, with d = min(decay, (1 + n) / (10 + n)) when
@@ -39,9 +45,9 @@ class EMA(nn.Cell):
     def _update(self, weights):
         # The weights are passed in rather than read from self.weights: a compiled method sees another Cell's
         # parameters, unregistered here, as constants frozen at compile time. mutable(): one compile for all values.
+        # one HyperMap, not a Python loop over the weights, which unrolls into the graph (see train/step.py)
         d = self.current_decay()
-        for ema, w in zip(self.ema_weights, weights):
-            ops.assign(ema, d * ema + (1 - d) * w.astype(ms.float32))
+        _map(ops.partial(_average, d), self.ema_weights, weights)
         ops.assign_add(self.num_updates, ms.Tensor(1, ms.int32))
         return d
 

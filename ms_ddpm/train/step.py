@@ -12,7 +12,7 @@ not on every micro-step.
 
 Every per-parameter operation (norm, clipping, accumulation) maps over the gradient tuple with `HyperMap`: a
 Python loop over the ~170 gradients of even a tiny U-Net unrolls into the graph before compilation and tripled the
-first step's compile time on CPU (70 s against 23 s for the tests' tiny U-Net; docs/performance.md).
+first step's compile time on CPU (70 s against 26 s for the tests' tiny U-Net; docs/performance.md).
 """
 import mindspore as ms
 from mindspore import amp, nn, ops
