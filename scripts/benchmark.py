@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="MindSpore's runtime_num_threads and torch.set_num_threads (default: each framework's own "
                         "choice, reported); MindSpore's oneDNN convolutions may still use every core")
+    p.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config overrides, as for ms-ddpm train (e.g. train.recompute=true)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase in this process
     p.add_argument("--phase-out", default=None, help=argparse.SUPPRESS)
@@ -98,7 +100,7 @@ def peak_rss_mib():
 def load_config(args):
     from ms_ddpm.config import Config
 
-    cfg = Config.load(args.config)
+    cfg = Config.load(args.config, args.set)
     if args.batch_size is not None:
         cfg.train.batch_size = args.batch_size
     return cfg

@@ -41,7 +41,7 @@ from ..checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, sav
 from ..config import Config, ConfigError
 from ..data import create_dataset
 from ..losses import DiffusionLoss, NCSNLoss
-from ..models import create_model
+from ..models import create_model, recompute_blocks
 from ..pipeline import DiffusionPipeline, build_sampler, check_class_rows, check_image_size
 from ..processes import create_process
 from ..runtime import set_runtime
@@ -54,9 +54,9 @@ from .lr_schedule import warmup_cosine_lr
 from .step import DataParallelReduce, TrainStep
 
 # train.* keys that may change between a run and its resumption; everything else must match. (A new train.steps
-# stretches the cosine schedule from the resumed step on.)
+# stretches the cosine schedule from the resumed step on; train.recompute changes memory and time, not the numbers.)
 RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "save_every", "keep_checkpoints", "num_samples",
-                  "max_nonfinite_steps", "output_dir", "eval_every"}
+                  "max_nonfinite_steps", "output_dir", "eval_every", "recompute"}
 
 
 class TrainingError(RuntimeError):
@@ -226,6 +226,8 @@ class Trainer:
         check_image_size(self.model, cfg)
         # the null label is the row after the classes (Unet(num_classes=N): row N); used only with label dropout
         self.null_label = len(cfg.data.class_names) if self.conditional else None
+        if t.recompute:
+            recompute_blocks(self.model)
         if t.amp_level != "O0":
             self.model = mixed_precision(self.model, t.amp_level, getattr(ms, t.amp_dtype))
         d = cfg.diffusion
