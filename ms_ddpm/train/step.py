@@ -9,14 +9,40 @@ and clears the device's overflow flag instead of checking values, so each micro-
 they are made and the results kept (ANDed) across the micro-steps of an update; a check at the update alone would
 miss an overflow of an earlier micro-batch. And gradients are all-reduced once per update, after accumulation,
 not on every micro-step.
+
+Every per-parameter operation (norm, clipping, accumulation) maps over the gradient tuple with `HyperMap`: a
+Python loop over the ~170 gradients of even a tiny U-Net unrolls into the graph before compilation and tripled the
+first step's compile time on CPU (70 s against 23 s for the tests' tiny U-Net; docs/performance.md).
 """
 import mindspore as ms
 from mindspore import amp, nn, ops
 
+_map = ops.HyperMap()
+
+
+def _square_sum(g):
+    return ops.reduce_sum(ops.square(g.astype(ms.float32)))
+
+
+def _scale(coef, g):
+    return g * coef.astype(g.dtype)
+
+
+def _accumulate(acc, g):
+    return ops.assign_add(acc, g.astype(ms.float32))
+
+
+def _divide(count, acc):
+    return acc.value() / count
+
+
+def _empty(acc):
+    return ops.assign(acc, ops.zeros_like(acc))
+
 
 def global_norm(grads):
     """sqrt(sum of squares) over all gradient tensors, in float32."""
-    return ops.sqrt(ops.addn([ops.reduce_sum(ops.square(g.astype(ms.float32))) for g in grads]))
+    return ops.sqrt(ops.addn(_map(_square_sum, grads)))
 
 
 class DataParallelReduce(nn.Cell):
@@ -86,14 +112,12 @@ class TrainStep:
         finite = amp.all_finite(grads)  # at once: on Ascend it reads (and clears) the flag these gradients set
         if self.grad_accumulation > 1:
             finite = ops.logical_and(self.finite_so_far, finite)
-            for acc, g in zip(self.accumulated, grads):
-                ops.assign_add(acc, g.astype(ms.float32))  # still scaled; unscaled once, at the update
+            _map(_accumulate, self.accumulated, grads)  # still scaled; unscaled once, at the update
             if not update:
                 ops.assign(self.finite_so_far, finite)
                 return loss, finite, ops.zeros((), ms.float32)
-            grads = tuple(acc.value() / self.grad_accumulation for acc in self.accumulated)
-            for acc in self.accumulated:
-                ops.assign(acc, ops.zeros_like(acc))
+            grads = _map(ops.partial(_divide, ms.Tensor(self.grad_accumulation, ms.float32)), self.accumulated)
+            _map(_empty, self.accumulated)
             ops.assign(self.finite_so_far, ms.Tensor(True))
         if self.reduce is not None:
             grads, finite = self.reduce(grads, finite)
@@ -105,7 +129,7 @@ class TrainStep:
             if self.grad_clip > 0:
                 # PyTorch's clip_grad_norm_ rule, reusing the norm computed for the log
                 coef = ops.minimum(self.grad_clip / (norm + 1e-6), 1.0)
-                grads = tuple(g * coef.astype(g.dtype) for g in grads)
+                grads = _map(ops.partial(_scale, coef), grads)
             self.optimizer(grads)
         self.loss_scaler.adjust(finite)
         return loss, finite, norm
