@@ -109,6 +109,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip gradients to this global norm; 0 disables
     grad_accumulation: int = 1  # micro-batches per optimizer step
     amp_level: str = "O0"  # O0 (float32) | O1 | O2 | O3 mixed precision
+    # recompute each U-Net block's activations in the backward pass instead of storing them (Cell.recompute):
+    # less memory for more compute; the losses and gradients stay the same
+    recompute: bool = False
     amp_dtype: str = "float16"  # float16 | bfloat16 (bfloat16 needs Ascend or GPU)
     loss_scaler: str = "dynamic"  # dynamic | static | none
     loss_scale: float = 65536.0  # initial (dynamic) or fixed (static) loss scale

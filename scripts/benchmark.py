@@ -61,6 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="MindSpore's runtime_num_threads and torch.set_num_threads (default: each framework's own "
                         "choice, reported); MindSpore's oneDNN convolutions may still use every core")
+    p.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config overrides, as for ms-ddpm train (e.g. train.recompute=true)")
+    p.add_argument("--phases", nargs="+", default=None, choices=sorted(PHASES), metavar="PHASE",
+                   help=f"run only these phases (default: all; choices {', '.join(PHASES)})")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase in this process
     p.add_argument("--phase-out", default=None, help=argparse.SUPPRESS)
@@ -98,7 +102,7 @@ def peak_rss_mib():
 def load_config(args):
     from ms_ddpm.config import Config
 
-    cfg = Config.load(args.config)
+    cfg = Config.load(args.config, args.set)
     if args.batch_size is not None:
         cfg.train.batch_size = args.batch_size
     return cfg
@@ -196,19 +200,17 @@ def phase_ms_train(args, mode):
     rng = np.random.default_rng(cfg.train.seed)
     shape = image_shape(cfg)
     images = ms.Tensor(rng.uniform(-1, 1, shape).astype(np.float32))
-    T = trainer.process.num_timesteps
     losses = []
 
-    def step():
-        # as Trainer.train: t and noise drawn on the host, loss read back every step
-        t = ms.Tensor(rng.integers(0, T, shape[0]).astype(np.int32))
-        noise = ms.Tensor(rng.standard_normal(shape, dtype=np.float32))
-        loss, _, _ = trainer.step_fn(images, t, noise, True)
+    def steps(n):
+        # as Trainer.train: t and noise drawn inside the step, the loss read back once (the trainer reads it at
+        # logging steps), which waits for the steps queued before
+        for _ in range(n):
+            loss, _, _ = trainer.step_fn(images)
         losses.append(float(loss.asnumpy()))
 
     progress(f"MindSpore training, {mode} mode, batch {shape[0]}")
-    measured = measure(args, lambda i: step(), lambda: [step() for _ in range(args.steps_per_repeat)],
-                       args.steps_per_repeat)
+    measured = measure(args, lambda i: steps(1), lambda: steps(args.steps_per_repeat), args.steps_per_repeat)
     n_params = sum(p.size for p in trainer.model.trainable_params())
     out = {"ms_train_" + mode: result(measured, shape[0], loss_finite=bool(np.isfinite(losses).all()),
                                       optimizer=cfg.train.optimizer, loss_type=cfg.diffusion.loss_type,
@@ -217,6 +219,68 @@ def phase_ms_train(args, mode):
     if mode == "pynative":  # the FLOP count needs PyNative hooks: done here, on a separate batch-1 copy
         extra["flops_per_image_forward"] = count_flops_mindspore(cfg)
     return out, extra, rss_after_imports
+
+
+def phase_ms_train_loop(args):
+    """The trainer's own loop (`Trainer.train`, GRAPH_MODE) on the config's data, logging every
+    `train.log_every` steps, no checkpoints, grids or evaluations: the wall time per step split into the compiled
+    step's calls (each followed by a synchronize, so that the device work they queued is theirs), waiting for the
+    data pipeline, and the rest: the loop's own host work per step (draws, copies, read-backs, logging, and on
+    versions that run it separately the EMA update's graph call)."""
+    import mindspore as ms
+
+    from ms_ddpm.train.trainer import Trainer
+
+    cfg = load_config(args)
+    cfg.train.mode = "graph"
+    timed_steps = args.repeats * args.steps_per_repeat
+    cfg.train.steps = max(cfg.train.steps, args.warmup + timed_steps + 1)
+    cfg.train.save_every = cfg.train.sample_every = cfg.train.eval_every = 0
+    rss_after_imports = rss_mib()
+    threads = set_mindspore_threads(args)
+    with tempfile.TemporaryDirectory() as out:
+        cfg.train.output_dir = out
+        trainer = Trainer(cfg)
+        step_fn, batches = trainer.step_fn, trainer.batches
+        spent = {"step": 0.0, "data": 0.0}
+
+        class TimedStep:
+            def __getattr__(self, name):
+                return getattr(step_fn, name)
+
+            def __call__(self, *a, **kw):
+                start = time.perf_counter()
+                out = step_fn(*a, **kw)
+                ms.runtime.synchronize()
+                spent["step"] += time.perf_counter() - start
+                return out
+
+        def timed_batches():
+            data = batches()
+            while True:
+                start = time.perf_counter()
+                batch = next(data)
+                spent["data"] += time.perf_counter() - start
+                yield batch
+
+        trainer.step_fn, trainer.batches = TimedStep(), timed_batches
+        progress(f"MindSpore training loop (Trainer.train), graph mode, batch {cfg.train.batch_size}")
+        start = time.perf_counter()
+        trainer.train(until=max(args.warmup, 1))  # compiles
+        first = time.perf_counter() - start
+        spent.update(step=0.0, data=0.0)
+        with CpuMeter() as cpu:
+            start = time.perf_counter()
+            trainer.train(until=trainer.step + timed_steps)
+            wall = time.perf_counter() - start
+    per_step = wall / timed_steps
+    row = {"img_per_s": cfg.train.batch_size * cfg.train.grad_accumulation / per_step, "seconds_per_step": per_step,
+           "first_call_s": first, "compile_s": None, "cpu_seconds_per_second": cpu.value,
+           "step_call_ms_per_step": spent["step"] / timed_steps * 1e3,
+           "data_ms_per_step": spent["data"] / timed_steps * 1e3,
+           "host_ms_per_step": (wall - spent["step"] - spent["data"]) / timed_steps * 1e3,
+           "timed_steps": timed_steps, "log_every": cfg.train.log_every, "ema": cfg.train.ema_decay > 0}
+    return {"ms_train_loop": row}, {"runtime_num_threads": threads}, rss_after_imports
 
 
 def kernels_used():
@@ -502,6 +566,7 @@ def phase_torch_sample(args):
 
 PHASES = {
     "ms_train_graph": lambda args: phase_ms_train(args, "graph"),
+    "ms_train_loop": phase_ms_train_loop,
     "ms_train_pynative": lambda args: phase_ms_train(args, "pynative"),
     "ms_sample": phase_ms_sample,
     "torch_train": phase_torch_train,
@@ -608,9 +673,11 @@ def main(argv=None):
     matmul = matmul_gflops(torch_mod)
     del torch_mod
 
-    phases = ["ms_train_graph", "ms_train_pynative", "ms_sample"]
+    phases = ["ms_train_graph", "ms_train_loop", "ms_train_pynative", "ms_sample"]
     if use_torch:
         phases += ["torch_train", "torch_sample"]
+    if args.phases:
+        phases = [p for p in phases if p in args.phases]
     rows, extra, failed = {}, {}, False
     with tempfile.TemporaryDirectory() as workdir:
         for i, phase in enumerate(phases, 1):

@@ -7,6 +7,7 @@ printed by `print_report` and written as JSON; nothing here measures anything.
 # rows of the report: (key, what, the PyTorch row it is compared with)
 ROWS = [
     ("ms_train_graph", "train, MindSpore GRAPH_MODE (jit TrainStep)", "torch_train"),
+    ("ms_train_loop", "train, the trainer's loop on data (GRAPH_MODE)", "torch_train"),
     ("ms_train_pynative", "train, MindSpore PYNATIVE_MODE", "torch_train"),
     ("torch_train", "train, PyTorch eager", None),
     ("ms_sample_ddpm", "sample DDPM-{ddpm_steps}, MindSpore GRAPH_MODE", None),
@@ -48,8 +49,12 @@ def build_report(settings, command, machine, matmul, rows, extra, notes):
     if any(r.get("extrapolated") for r in table):
         notes.append("sampling img/s = batch / (median seconds per step x steps): each repeat timed the first "
                      f"{settings['steps_per_repeat']} steps of a fresh chain, extrapolated to the full step count")
-    notes.append("training step = the library's TrainStep with the config's optimizer, loss scaler and gradient "
-                 "clipping, host-side t/noise draws and a loss read-back per step; data loading and EMA not timed")
+    notes.append("training step = the library's TrainStep with the config's optimizer, loss scaler, gradient "
+                 "clipping and EMA, drawing t and noise itself, on random images; the loss read back once per repeat")
+    if "ms_train_loop" in rows and "host_ms_per_step" in rows["ms_train_loop"]:
+        notes.append("trainer's loop = Trainer.train on the config's data, no checkpoints, grids or evaluations; "
+                     "host ms/step = its wall time per step minus the step calls (each synchronized) and the waits "
+                     "for data: the loop's own work per step, averaged over logging and other steps")
     notes.append("PyTorch training: same U-Net, batch, optimizer, loss and gradient clipping, float32, no loss scaler")
     notes.append("peak RSS: ru_maxrss of the phase's own process: interpreter, framework, model, compilation, loop "
                  "(the RSS right after imports is in the JSON as rss_after_imports_mib)")
@@ -133,6 +138,12 @@ def print_report(r):
     if overhead:
         network_ms = next(row["network_ms"] for row in r["rows"] if "network_ms" in row)
         print(f"\nper-step overhead beyond the network call ({network_ms:.1f} ms alone): " + ", ".join(overhead))
+    loop = next((row for row in r["rows"] if row["key"] == "ms_train_loop" and "host_ms_per_step" in row), None)
+    if loop:
+        print(f"\ntrainer's loop per step: {loop['seconds_per_step'] * 1e3:.1f} ms = step calls "
+              f"{loop['step_call_ms_per_step']:.1f} ms + waiting for data {loop['data_ms_per_step']:.1f} ms + host "
+              f"{loop['host_ms_per_step']:.2f} ms (over {loop['timed_steps']} steps, logging every "
+              f"{loop['log_every']})")
     h = r["headline"]
     if h:
         print(f"\nheadline: graph training {_fmt(h.get('ms_train_graph_vs_pytorch'), '.2f')}x PyTorch, DDIM-"

@@ -1,5 +1,6 @@
-"""Class-conditional training: labels from the data, label dropout at its rate, the class names in the checkpoint,
-conditioning that survives a resume, one sampling network per run, `ms-ddpm evaluate` with class accuracy.
+"""Class-conditional training: labels from the data (label dropout at its rate: test_randomness.py), the class
+names in the checkpoint, conditioning that survives a resume, one sampling network per run, `ms-ddpm evaluate`
+with class accuracy.
 
 The runs are PyNative (8 steps of a 12k-parameter U-Net on 8x8 digits take seconds op by op; graph-mode conditional
 training runs in tutorials/07_conditional_guidance.ipynb)."""
@@ -17,7 +18,7 @@ from ms_ddpm.cli import main as cli_main
 from ms_ddpm.config import Config
 from ms_ddpm.metrics.features import MNISTClassifier, save_feature_extractor
 from ms_ddpm.models import create_model
-from ms_ddpm.train.trainer import Trainer, step_randomness
+from ms_ddpm.train.trainer import Trainer
 from tests.helpers import MNIST5K
 from tests.test_ncsn_training import assert_resumed_like_uninterrupted, read_losses
 
@@ -51,24 +52,6 @@ def full_run(tmp_path_factory):
     return trainer, out, builds.call_count
 
 
-def test_label_dropout_rate_matches_cond_drop_prob():
-    """The share of labels replaced by the null label over 400 micro-batches of 50 is 0.1 within 4 standard errors,
-    the other labels pass unchanged, and t and noise are the draws of an unconditional run."""
-    labels = np.arange(50, dtype=np.int32) % 10
-    dropped, total = 0, 0
-    for step in range(400):
-        t, noise, cond = step_randomness(3, 0, step, 0, (50, 1, 2, 2), 100, labels, 0.1, 10)
-        kept = cond != 10
-        np.testing.assert_array_equal(cond[kept], labels[kept])
-        dropped, total = dropped + int((~kept).sum()), total + 50
-    assert abs(dropped / total - 0.1) < 4 * np.sqrt(0.1 * 0.9 / total), dropped / total
-    t0, noise0, none = step_randomness(3, 0, 5, 0, (50, 1, 2, 2), 100)
-    t1, noise1, _ = step_randomness(3, 0, 5, 0, (50, 1, 2, 2), 100, labels, 0.1, 10)
-    assert none is None
-    np.testing.assert_array_equal(t0, t1)
-    np.testing.assert_array_equal(noise0, noise1)
-
-
 def test_class_names_go_into_the_config_and_checkpoint(full_run):
     trainer, out, _ = full_run
     assert trainer.cfg.data.class_names == DIGITS and trainer.null_label == 10
@@ -89,7 +72,7 @@ def test_one_sampling_network_per_run(full_run):
 
 def test_conditioning_survives_resume(full_run, tmp_path):
     """4 steps + resume + 4 steps == 8 uninterrupted steps (the resumed run starts from the full run's step-4
-    checkpoint): labels, dropped labels, t and noise all come from the data order and the (seed, rank, step)
+    checkpoint): labels, dropped labels, t and noise all come from the data order and the (seed, step)
     generator, the weights, optimizer and EMA state from the checkpoint."""
     full, out, _ = full_run
     (tmp_path / "ckpt_00000004.ckpt").write_bytes((out / "ckpt_00000004.ckpt").read_bytes())

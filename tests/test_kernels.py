@@ -20,6 +20,7 @@ from ms_ddpm.models import normalization
 from ms_ddpm.models.convolution import Conv2d
 from ms_ddpm.models.unet import Unet, WeightStandardizedConv2d
 from ms_ddpm.schedules import get_beta_schedule
+from ms_ddpm.train.randomness import TrainingDraws
 from ms_ddpm.train.step import TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,14 +189,9 @@ def _tiny_training_losses(steps, jit):
     net = Unet(dim=8, dim_mults=(1, 2), channels=1, heads=2, dim_head=8)
     loss = DiffusionLoss(net, GaussianDiffusion(get_beta_schedule("linear", 100)), loss_type="l2")
     optimizer = nn.Adam(net.trainable_params(), learning_rate=1e-3)
-    step = TrainStep(loss, optimizer, ms.amp.StaticLossScaler(1.0), jit=jit)
-    rng = np.random.default_rng(0)
-    x0 = ms.Tensor(rng.uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32))
-    losses = []
-    for _ in range(steps):
-        t = ms.Tensor(rng.integers(0, 100, 4).astype(np.int32))
-        noise = ms.Tensor(rng.standard_normal((4, 1, 8, 8), dtype=np.float32))
-        losses.append(float(step(x0, t, noise)[0].asnumpy()))
+    step = TrainStep(loss, optimizer, ms.amp.StaticLossScaler(1.0), TrainingDraws(0, 100), jit=jit)
+    x0 = ms.Tensor(np.random.default_rng(0).uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32))
+    losses = [float(step(x0)[0].asnumpy()) for _ in range(steps)]
     return net, np.array(losses)
 
 

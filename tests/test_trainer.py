@@ -17,12 +17,14 @@ from ms_ddpm.cli import main as cli_main
 from ms_ddpm.config import Config, ConfigError
 from ms_ddpm.processes import GaussianDiffusion
 from ms_ddpm.losses import DiffusionLoss
+from ms_ddpm.models import create_model, recompute_blocks
 from ms_ddpm.models.unet import Unet
 from ms_ddpm.pipeline import DiffusionPipeline
 from ms_ddpm.schedules import get_beta_schedule
 from ms_ddpm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from ms_ddpm.train.ema import EMA
 from ms_ddpm.train.lr_schedule import warmup_cosine_lr
+from ms_ddpm.train.randomness import TrainingDraws
 from ms_ddpm.train.step import TrainStep
 from ms_ddpm.train.trainer import Trainer
 from tests.helpers import MNIST5K
@@ -60,14 +62,12 @@ def test_overflowing_step_is_skipped_and_scale_halved():
     net = Unet(**TINY_MODEL)
     loss_fn = DiffusionLoss(net, GaussianDiffusion(get_beta_schedule("linear", 100)))
     optimizer = nn.Adam(net.trainable_params(), learning_rate=1e-3)
-    step = TrainStep(loss_fn, optimizer, amp.DynamicLossScaler(1024.0, 2, 2), jit=False)
+    step = TrainStep(loss_fn, optimizer, amp.DynamicLossScaler(1024.0, 2, 2), TrainingDraws(0, 100), jit=False)
     x = ms.Tensor(np.random.default_rng(0).uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32))
-    t = ms.Tensor(np.array([5, 50], np.int32))
-    good_noise = ms.Tensor(np.zeros((2, 1, 8, 8), np.float32))
-    bad_noise = ms.Tensor(np.full((2, 1, 8, 8), np.inf, np.float32))  # makes the loss and every gradient inf
+    bad_x = ms.Tensor(np.full((2, 1, 8, 8), np.inf, np.float32))  # makes the loss and every gradient non-finite
 
     before = weights(net)
-    _, finite, _ = step(x, t, bad_noise)
+    _, finite, _ = step(bad_x)
     assert not bool(finite)
     for name, value in weights(net).items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
@@ -75,7 +75,7 @@ def test_overflowing_step_is_skipped_and_scale_halved():
     assert int(optimizer.global_step.asnumpy()[0]) == 0  # no optimizer step was taken
 
     for _ in range(2):  # a window of 2 good steps doubles the scale again
-        _, finite, _ = step(x, t, good_noise)
+        _, finite, _ = step(x)
         assert bool(finite)
     assert float(step.loss_scaler.scale_value.asnumpy()) == 1024.0
     assert any(not np.array_equal(v, before[k]) for k, v in weights(net).items())
@@ -83,29 +83,27 @@ def test_overflowing_step_is_skipped_and_scale_halved():
 
 def accumulating_step(accumulation=2, reduce=None):
     """A PyNative TrainStep over a tiny U-Net with `accumulation` micro-batches, a dynamic scaler at 1024, and
-    (images, t, noise) for micro-batches of 2."""
+    images for micro-batches of 2."""
     ms.set_seed(0)
     net = Unet(**TINY_MODEL)
     loss_fn = DiffusionLoss(net, GaussianDiffusion(get_beta_schedule("linear", 100)))
     step = TrainStep(loss_fn, nn.Adam(net.trainable_params(), learning_rate=1e-3), amp.DynamicLossScaler(1024.0, 2, 2),
-                     grad_accumulation=accumulation, reduce=reduce, jit=False)
-    rng = np.random.default_rng(0)
-    batch = (ms.Tensor(rng.uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32)), ms.Tensor(np.array([5, 50], np.int32)),
-             ms.Tensor(rng.standard_normal((2, 1, 8, 8)).astype(np.float32)))
-    return net, step, batch
+                     TrainingDraws(0, 100), grad_accumulation=accumulation, reduce=reduce, jit=False)
+    x = ms.Tensor(np.random.default_rng(0).uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32))
+    return net, step, x
 
 
 def test_overflow_in_the_first_of_two_micro_batches_skips_the_update():
-    net, step, (x, t, noise) = accumulating_step()
+    net, step, x = accumulating_step()
     before = weights(net)
-    _, finite, _ = step(x, t, ms.Tensor(np.full((2, 1, 8, 8), np.inf, np.float32)), update=False)
+    _, finite, _ = step(ms.Tensor(np.full((2, 1, 8, 8), np.inf, np.float32)), update=False)
     assert not bool(finite)
-    _, finite, _ = step(x, t, noise, update=True)
+    _, finite, _ = step(x, update=True)
     assert not bool(finite)
     assert all(np.array_equal(v, before[k]) for k, v in weights(net).items())
     assert float(step.loss_scaler.scale_value.asnumpy()) == 512.0
-    _, finite, _ = step(x, t, noise, update=False)  # the flag was reset: the next update goes through
-    _, finite, _ = step(x, t, noise, update=True)
+    _, finite, _ = step(x, update=False)  # the flag was reset: the next update goes through
+    _, finite, _ = step(x, update=True)
     assert bool(finite) and any(not np.array_equal(v, before[k]) for k, v in weights(net).items())
 
 
@@ -114,7 +112,7 @@ def test_an_overflow_flag_read_and_cleared_by_the_first_check_still_skips_the_up
     micro-batch 1 sees the overflow, later checks do not. A stand-in with that behaviour on finite values."""
     import ms_ddpm.train.step as step_module
 
-    net, step, (x, t, noise) = accumulating_step()
+    net, step, x = accumulating_step()
     calls = []
 
     def read_and_clear_flag(grads):
@@ -123,8 +121,8 @@ def test_an_overflow_flag_read_and_cleared_by_the_first_check_still_skips_the_up
 
     monkeypatch.setattr(step_module.amp, "all_finite", read_and_clear_flag)
     before = weights(net)
-    step(x, t, noise, update=False)
-    _, finite, _ = step(x, t, noise, update=True)
+    step(x, update=False)
+    _, finite, _ = step(x, update=True)
     assert len(calls) >= 2 and not bool(finite)
     assert all(np.array_equal(v, before[k]) for k, v in weights(net).items())
 
@@ -143,10 +141,10 @@ class CountingReduce(nn.Cell):
 
 def test_gradients_are_reduced_once_per_update_with_accumulation():
     reduce = CountingReduce()
-    _, step, batch = accumulating_step(accumulation=3, reduce=reduce)
+    _, step, x = accumulating_step(accumulation=3, reduce=reduce)
     for update in range(2):
         for micro in range(3):
-            step(*batch, update=micro == 2)
+            step(x, update=micro == 2)
     assert reduce.calls == 2
 
 
@@ -160,7 +158,7 @@ def test_ema_matches_its_formula():
         for p in net.trainable_params():
             p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32)))
         d = min(0.9, (1 + n) / (10 + n))
-        got_d = float(ema.update().asnumpy())
+        got_d = float(ema(tuple(net.trainable_params())).asnumpy())
         assert got_d == pytest.approx(d, rel=1e-6)
         expected = [d * e + (1 - d) * p.asnumpy() for e, p in zip(expected, net.trainable_params())]
     for e, w in zip(expected, ema.ema_weights):
@@ -168,6 +166,45 @@ def test_ema_matches_its_formula():
     target = nn.Dense(3, 2)
     ema.copy_to(target)
     np.testing.assert_allclose(target.weight.asnumpy(), expected[0], rtol=1e-5, atol=1e-6)
+
+
+class TinyEps(nn.Cell):
+    """A 3x3 convolution whose output grows with t: a 10-parameter noise predictor that compiles in a second."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, pad_mode="same", has_bias=True)
+
+    def construct(self, x, t):
+        return self.conv(x) * (1 + t.astype(ms.float32) / 100).reshape(-1, 1, 1, 1)
+
+
+def test_ema_in_the_compiled_step_follows_the_update_it_replaced():
+    """Graph mode, EMA after every 2nd step, step 4 overflowing: the EMA the compiled step folds in equals the
+    formula applied to the weights after each taken update, on the steps the separate update ran on (finite and
+    step % ema_every == 0)."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_seed(0)
+    net = TinyEps()
+    loss_fn = DiffusionLoss(net, GaussianDiffusion(get_beta_schedule("linear", 100)))
+    ema = EMA(net, decay=0.8, warmup=True)
+    optimizer = nn.Adam(net.trainable_params(), learning_rate=1e-2)
+    step = TrainStep(loss_fn, optimizer, amp.DynamicLossScaler(1024.0, 2, 100), TrainingDraws(0, 100), ema=ema,
+                     ema_every=2)
+    x = ms.Tensor(np.random.default_rng(0).uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32))
+    bad_x = ms.Tensor(np.full((4, 1, 8, 8), np.inf, np.float32))
+    expected = [p.asnumpy().astype(np.float64) for p in net.trainable_params()]
+    n = 0
+    for s in range(1, 9):  # s: the steps taken with this one
+        _, finite, _ = step(bad_x if s == 4 else x)
+        assert bool(finite) == (s != 4)
+        if s != 4 and s % 2 == 0:
+            d = min(0.8, (1 + n) / (10 + n))
+            expected = [d * e + (1 - d) * p.asnumpy() for e, p in zip(expected, net.trainable_params())]
+            n += 1
+    assert int(ema.num_updates.asnumpy()) == n == 3
+    for e, w in zip(expected, ema.ema_weights):
+        np.testing.assert_allclose(w.asnumpy(), e, rtol=1e-5, atol=1e-6)
 
 
 def test_warmup_cosine_matches_its_formula():
@@ -180,6 +217,40 @@ def test_warmup_cosine_matches_its_formula():
     np.testing.assert_allclose(warmup_cosine_lr(2e-4, 20, 5, schedule="constant")[5:], 2e-4)
     with pytest.raises(ValueError, match=r"lr_schedule must be one of \['cosine', 'constant'\]"):
         warmup_cosine_lr(1e-3, 10, schedule="step")
+
+
+TINY_DDPM_UNET = {"in_channels": 1, "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4],
+                  "image_size": 8, "num_groups": 4, "dropout": 0.0}
+
+
+@pytest.mark.parametrize("name,kwargs", [("unet", TINY_MODEL), ("ddpm_unet", TINY_DDPM_UNET)])
+def test_recompute_leaves_losses_and_gradients_unchanged(name, kwargs):
+    """Graph mode: the loss and every gradient of three batches are the same (1e-6) with the blocks recomputed
+    (train.recompute) as without."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.default_rng(0)
+    batches = [(ms.Tensor(rng.uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32)),
+                ms.Tensor(rng.integers(0, 100, 2).astype(np.int32)),
+                ms.Tensor(rng.standard_normal((2, 1, 8, 8)).astype(np.float32))) for _ in range(3)]
+    results = {}
+    for recompute in (False, True):
+        ms.set_seed(0)
+        net = create_model(name, **kwargs)
+        if recompute:
+            assert recompute_blocks(net) == sum(isinstance(c, net.RECOMPUTE_UNITS) for _, c in net.cells_and_names())
+        loss_fn = DiffusionLoss(net, GaussianDiffusion(get_beta_schedule("linear", 100)))
+        grad_fn = ms.value_and_grad(loss_fn, None, net.trainable_params())
+
+        @ms.jit
+        def loss_and_grads(x, t, noise):
+            return grad_fn(x, t, noise, None)
+
+        results[recompute] = [(float(loss.asnumpy()), [g.asnumpy() for g in grads])
+                              for loss, grads in (loss_and_grads(*b) for b in batches)]
+    for (loss, grads), (loss_r, grads_r) in zip(results[False], results[True]):
+        assert loss_r == pytest.approx(loss, rel=1e-6)
+        for g, g_r in zip(grads, grads_r):
+            np.testing.assert_allclose(g_r, g, rtol=1e-6, atol=1e-7)
 
 
 # --- whole runs -------------------------------------------------------------------------------------------------
@@ -202,6 +273,26 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "full")] == ["ckpt_00000004.ckpt", "ckpt_00000008.ckpt"]
 
 
+def test_no_host_read_back_between_logging_steps(tmp_path, monkeypatch):
+    """Graph mode, 6 steps logged every 3rd: after the first step (compilation), every read of a tensor's value
+    (asnumpy, float(), int(), bool(), item(), tolist()) happens at step 3 or 6, none at steps 2, 4 and 5."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    trainer = Trainer(tiny_config(tmp_path, steps=6, log_every=3, save_every=0))
+    trainer.train(until=1)
+    reads = []
+    for name in ("asnumpy", "_item", "tolist"):
+        original = getattr(ms.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads.append(trainer.step)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(ms.Tensor, name, counted)
+    trainer.train()
+    assert trainer.step == 6 and reads and set(reads) <= {3, 6}, reads
+    assert [r["step"] for r in read_log(tmp_path)] == [3, 6]
+
+
 @pytest.mark.parametrize("level", ["O1", pytest.param("O2", marks=pytest.mark.slow)])
 def test_float16_training_on_cpu_has_finite_falling_loss(tmp_path, level):
     """O1 (MindSpore's white list: convolutions and dense layers in float16) and O2 (all but norms in float16):
@@ -219,24 +310,20 @@ def test_float16_training_on_cpu_has_finite_falling_loss(tmp_path, level):
     assert convs and all(cell.get_flags().get("fp16") for cell in convs)
 
 
-def test_gradient_accumulation_averages_micro_batches(tmp_path):
-    """Two micro-batches of 2 give the update of one batch of 4 (the same images, t and noise)."""
-    ms.set_seed(0)
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32)
-    t = rng.integers(0, 100, 4).astype(np.int32)
-    noise = rng.standard_normal((4, 1, 8, 8)).astype(np.float32)
+def test_gradient_accumulation_averages_micro_batches():
+    """Two micro-batches of 2 give the update of one batch of 4 of the same images: the same t and noise too,
+    since a sample's draws depend on its place in the step's global batch, not on how the batch is split."""
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32)
     results = []
     for accumulation in (1, 2):
         ms.set_seed(0)
         net = Unet(**TINY_MODEL)
         loss_fn = DiffusionLoss(net, GaussianDiffusion(get_beta_schedule("linear", 100)))
         step = TrainStep(loss_fn, nn.SGD(net.trainable_params(), learning_rate=0.1), amp.StaticLossScaler(1.0),
-                         grad_clip=0, grad_accumulation=accumulation, jit=False)
+                         TrainingDraws(3, 100), grad_clip=0, grad_accumulation=accumulation, jit=False)
         size = 4 // accumulation
         for k in range(accumulation):
-            sl = slice(k * size, (k + 1) * size)
-            step(ms.Tensor(x[sl]), ms.Tensor(t[sl]), ms.Tensor(noise[sl]), k == accumulation - 1)
+            step(ms.Tensor(x[k * size:(k + 1) * size]), update=k == accumulation - 1)
         results.append(weights(net))
     for name, value in results[0].items():
         np.testing.assert_allclose(results[1][name], value, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -3,7 +3,8 @@
 `cond` is the condition of the generation: for now a (B,) int32 tensor of class labels. A class-conditional network
 (built with `num_classes` / `num_class_embeds`) requires it, an unconditional one refuses it. Both networks expose
 `num_class_embeds`, the number of rows of their class embedding (None when unconditional), and
-`check_image_size(height, width)`, which refuses a size the network cannot take before anything is compiled.
+`check_image_size(height, width)`, which refuses a size the network cannot take before anything is compiled, and
+`RECOMPUTE_UNITS`, the block classes `recompute_blocks` marks for recomputation.
 """
 from ..utils import check_choice
 from .ddpm_unet import DDPMUNet
@@ -21,6 +22,18 @@ def create_model(name, **kwargs):
         raise ValueError(f"model.kwargs do not fit {cls.__name__}: {err}") from None
 
 
+def recompute_blocks(network):
+    """Recompute the activations inside each of the network's blocks (its `RECOMPUTE_UNITS`: residual and attention
+    blocks) in the backward pass instead of storing them: `Cell.recompute()`, gradient checkpointing (Chen et al.
+    2016, "Training Deep Nets with Sublinear Memory Cost"). A block's output, which the U-Net's skips keep anyway,
+    stays stored (MindSpore's default). The blocks do not nest, as `Cell.recompute` requires. With dropout > 0
+    MindSpore does not promise that the recomputed forward draws the same masks. Returns the number of blocks."""
+    blocks = [cell for _, cell in network.cells_and_names() if isinstance(cell, network.RECOMPUTE_UNITS)]
+    for cell in blocks:
+        cell.recompute()
+    return len(blocks)
+
+
 def call_network(network, x, t, cond=None):
     """network(x, t), or network(x, t, cond) when there is a condition: plain callables of (x, t) stay usable
     wherever nothing conditions them. Graph mode resolves the branch at compile time (cond is None or a tensor)."""
@@ -29,4 +42,4 @@ def call_network(network, x, t, cond=None):
     return network(x, t, cond)
 
 
-__all__ = ["Unet", "DDPMUNet", "MODELS", "create_model", "call_network"]
+__all__ = ["Unet", "DDPMUNet", "MODELS", "create_model", "recompute_blocks", "call_network"]

@@ -238,6 +238,9 @@ class DDPMUNet(nn.Cell):
     -> (B, out_channels, H, W).
     """
 
+    # the units `recompute_blocks` recomputes (train.recompute)
+    RECOMPUTE_UNITS = (ResnetBlock2D, AttentionBlock)
+
     def __init__(self, in_channels=3, out_channels=None, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
                  attn_resolutions=(16,), image_size=32, dropout=0.1, num_groups=32, eps=1e-6, num_class_embeds=None):
         super().__init__()

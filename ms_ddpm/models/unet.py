@@ -273,6 +273,10 @@ class Unet(nn.Cell):
     (class-conditional networks only, and required there) -> (B, out_dim, H, W).
     """
 
+    # the units `recompute_blocks` recomputes (train.recompute): the residual blocks and the attention blocks
+    # (PreNormResidual wraps each linear and full attention)
+    RECOMPUTE_UNITS = (ResnetBlock, ConvNextBlock, PreNormResidual)
+
     def __init__(self, dim, dim_mults=(1, 2, 4, 8), channels=3, init_dim=None, out_dim=None, block_type="resnet",
                  resnet_block_groups=4, heads=4, dim_head=32, dropout=0.0, num_classes=None):
         super().__init__()

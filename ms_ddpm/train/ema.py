@@ -24,10 +24,9 @@ class EMA(nn.Cell):
             raise ValueError(f"ema_decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup = warmup
-        self.weights = network.trainable_params()
         self.ema_weights = ms.ParameterTuple(
             [ms.Parameter(p.value().astype(ms.float32).copy(), name="ema." + p.name, requires_grad=False)
-             for p in self.weights]
+             for p in network.trainable_params()]
         )
         self.num_updates = ms.Parameter(ms.Tensor(0, ms.int32), name="ema.num_updates", requires_grad=False)
 
@@ -37,16 +36,11 @@ class EMA(nn.Cell):
         n = self.num_updates.astype(ms.float32)
         return ops.minimum(ms.Tensor(self.decay, ms.float32), (1 + n) / (10 + n))
 
-    def update(self):
-        """One EMA step; returns the decay used."""
-        return self._update(ms.mutable(tuple(w.value() for w in self.weights)))
-
-    @ms.jit
-    def _update(self, weights):
-        # The weights are passed in rather than read from self.weights: a compiled method sees another Cell's
-        # parameters, unregistered here, as constants frozen at compile time. mutable(): one compile for all values.
-        # one HyperMap, not a Python loop over the weights, which unrolls into the graph (see train/step.py)
+    def construct(self, weights):
+        """One EMA step towards `weights` (the network's trainable parameters, in order); returns the decay used.
+        `TrainStep` calls it inside its compiled step, after the optimizer update."""
         d = self.current_decay()
+        # one HyperMap, not a Python loop: a loop over the parameters unrolls into the compiled step (train/step.py)
         _map(ops.partial(_average, d), self.ema_weights, weights)
         ops.assign_add(self.num_updates, ms.Tensor(1, ms.int32))
         return d

@@ -13,6 +13,11 @@ not on every micro-step.
 Every per-parameter operation (norm, clipping, accumulation) maps over the gradient tuple with `HyperMap`: a
 Python loop over the ~170 gradients of even a tiny U-Net unrolls into the graph before compilation and tripled the
 first step's compile time on CPU (70 s against 26 s for the tests' tiny U-Net; docs/performance.md).
+
+The step keeps the host out of the loop (on an NPU the device would idle while the host works): it draws t, noise
+and label dropout itself (`randomness.TrainingDraws`, from a step counter on the device), folds the EMA update in,
+and counts non-finite steps on the device, so a loop that reads nothing back between its logging steps only feeds
+the data in.
 """
 import mindspore as ms
 from mindspore import amp, nn, ops
@@ -62,32 +67,45 @@ class DataParallelReduce(nn.Cell):
 
 
 class TrainStep:
-    """Callable `(x_start, t, noise, update, cond) -> (loss, finite, grad_norm)`.
+    """Callable `(x_start, labels=None, update=True) -> (loss, finite, grad_norm)`, one micro-batch.
 
-    With `grad_accumulation` > 1, gradients of successive calls are summed in buffers, and the call with
-    `update=True` applies their mean; `update` is a Python bool, so graph mode compiles one graph for each value.
-    `finite` says whether the gradients of every micro-batch of the update so far were finite.
+    Each call draws its micro-batch's t, noise and (with labels) dropped labels on the device from `draws` at the
+    step counter `micro_batches` (calls so far: step * grad_accumulation + micro-batch), which a resumed run sets
+    with `start_at(step)`. With `grad_accumulation` > 1, gradients of successive calls are summed in buffers, and
+    the call with `update=True` applies their mean; `update` is a Python bool, so graph mode compiles one graph for
+    each value. `finite` says whether the gradients of every micro-batch of the update so far were finite.
+    At each update the step also updates `ema` (after every `ema_every`-th step whose update was taken) and
+    `nonfinite_steps`, the number of updates in a row whose loss or gradients were not finite.
 
     Args:
         loss_fn: Cell (x_start, t, noise, cond) -> scalar loss (a `DiffusionLoss`, or an `NCSNLoss` with level
             indices as t); cond is the network's condition (class labels) or None.
         optimizer: a MindSpore optimizer over the trainable parameters.
         loss_scaler: `amp.DynamicLossScaler` or `amp.StaticLossScaler` (scale 1 for no scaling).
+        draws: the `TrainingDraws` of the run (seed, number of timesteps or levels, label dropout).
         grad_clip: global-norm bound, 0 to disable.
         reduce: a `DataParallelReduce` across data-parallel ranks, called once per update; None on one device.
+        rank: this process's data-parallel rank: its micro-batches' place in the step's global batch.
+        ema: the `EMA` of the weights, or None.
         jit: compile the step (graph mode); False runs it op by op (PyNative).
     """
 
-    def __init__(self, loss_fn, optimizer, loss_scaler, grad_clip=1.0, grad_accumulation=1, reduce=None,
-                 jit=True):
+    def __init__(self, loss_fn, optimizer, loss_scaler, draws, grad_clip=1.0, grad_accumulation=1, reduce=None,
+                 rank=0, ema=None, ema_every=1, jit=True):
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.loss_scaler = loss_scaler
+        self.draws = draws
         self.grad_clip = float(grad_clip)
         self.grad_accumulation = int(grad_accumulation)
         if self.grad_accumulation < 1:
             raise ValueError(f"grad_accumulation must be >= 1, got {grad_accumulation}")
+        if ema_every < 1:
+            raise ValueError(f"train.ema_every must be >= 1, got {ema_every}")
         self.reduce = reduce
+        self.rank = int(rank)
+        self.ema = ema
+        self.ema_every = int(ema_every)
         self.weights = optimizer.parameters
         self.accumulated = self.finite_so_far = None
         if self.grad_accumulation > 1:
@@ -97,17 +115,32 @@ class TrainStep:
             )
             # the AND of the finite checks of this update's micro-batches so far
             self.finite_so_far = ms.Parameter(ms.Tensor(True), name="grad_acc.finite", requires_grad=False)
+        # derived from the checkpoint's step (start_at), not saved in it
+        self.micro_batches = ms.Parameter(ms.Tensor(0, ms.int32), name="train.micro_batches", requires_grad=False)
+        self.nonfinite_steps = ms.Parameter(ms.Tensor(0, ms.int32), name="train.nonfinite_steps",
+                                            requires_grad=False)
         if isinstance(loss_scaler, amp.DynamicLossScaler):  # default names "scale_value", "counter" say too little
             loss_scaler.scale_value.name = "loss_scaler.scale_value"
             loss_scaler.counter.name = "loss_scaler.counter"
         self.grad_fn = ms.value_and_grad(self._forward, None, self.weights, has_aux=True)
         self._step = ms.jit(self._step_impl) if jit else self._step_impl
 
+    def start_at(self, step):
+        """Continue with optimizer step `step` (0 for a new run): its draws next, and no non-finite steps counted."""
+        self.micro_batches.set_data(ms.Tensor(step * self.grad_accumulation, ms.int32))
+        self.nonfinite_steps.set_data(ms.Tensor(0, ms.int32))
+
     def _forward(self, x_start, t, noise, cond):
         loss = self.loss_fn(x_start, t, noise, cond)
         return self.loss_scaler.scale(loss), loss
 
-    def _step_impl(self, x_start, t, noise, cond, update):
+    def _step_impl(self, x_start, labels, update):
+        calls = self.micro_batches.value()
+        step, micro = calls // self.grad_accumulation, calls % self.grad_accumulation
+        batch = x_start.shape[0]
+        first = (self.rank * self.grad_accumulation + micro) * batch  # rank-major, then micro-batch
+        t, noise, cond = self.draws(step, first, x_start.shape, labels)
+        ops.assign_add(self.micro_batches, ms.Tensor(1, ms.int32))
         (_, loss), grads = self.grad_fn(x_start, t, noise, cond)
         finite = amp.all_finite(grads)  # at once: on Ascend it reads (and clears) the flag these gradients set
         if self.grad_accumulation > 1:
@@ -132,10 +165,16 @@ class TrainStep:
                 grads = _map(ops.partial(_scale, coef), grads)
             self.optimizer(grads)
         self.loss_scaler.adjust(finite)
+        good = ops.logical_and(finite, ops.isfinite(loss))
+        ops.assign(self.nonfinite_steps, ops.select(good, ms.Tensor(0, ms.int32), self.nonfinite_steps + 1))
+        if self.ema is not None:
+            # step + 1: the steps taken with this one, as the loop counts them
+            if ops.logical_and(finite, (step + 1) % self.ema_every == 0):
+                self.ema(self.weights)
         return loss, finite, norm
 
-    def __call__(self, x_start, t, noise, update=True, cond=None):
-        return self._step(x_start, t, noise, cond, update)
+    def __call__(self, x_start, labels=None, update=True):
+        return self._step(x_start, labels, update)
 
     def state_parameters(self):
         """Parameters that must be checkpointed besides the model's: optimizer moments and step, scaler state.

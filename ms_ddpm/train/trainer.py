@@ -10,11 +10,16 @@ whose class names go into the run's config (`data.class_names`) and so into ever
 Ho & Salimans 2021, Algorithm 1), so the same network learns the unconditional model too.
 
 Reproducibility: weights come from `ms.set_seed(seed)`; the timesteps (NCSN: level indices), noise and dropped
-labels of optimizer step s, micro-batch m on rank r from the NumPy generator seeded with (seed, r, s, m)
-(`step_randomness`); the data order of epoch e from the dataset seed `seed + e`. The random state is thus a function
-of (seed, rank, step), all in the checkpoint, and a resumed run continues exactly as the uninterrupted run would
-(tested) on every rank, except for dropout masks and random flips, whose MindSpore-side generator state is not
-exposed.
+labels of optimizer step s are drawn on the device, inside the compiled step, by a counter-based generator keyed by
+the seed at counter (s, the sample's place in the step's global batch) (`randomness.TrainingDraws`); the data order
+of epoch e from the dataset seed `seed + e`. The random state is thus a function of (seed, rank, step), all in the
+checkpoint, and a resumed run continues exactly as the uninterrupted run would (tested) on every rank, except for
+dropout masks and random flips, whose MindSpore-side generator state is not exposed.
+
+The loop reads nothing back from the device between its logging steps (the loss, gradient norm, loss scale and
+the count of non-finite steps are read at logging steps); the EMA update runs inside the compiled step. So
+`train.max_nonfinite_steps` is checked at logging steps: training stops at the first logging step at which the
+latest run of non-finite steps is at least that long.
 
 Preemption: SIGTERM (how clusters preempt a job) or SIGINT (Ctrl-C) during `train()` finishes the current optimizer
 step, writes a checkpoint of it and raises `Preempted`; `--resume` then continues exactly. In a distributed job the
@@ -22,7 +27,6 @@ ranks agree on the step to stop at (`StopSignals.agreed`), rank 0 writes the che
 """
 import hashlib
 import json
-import math
 import os
 import signal
 import sys
@@ -41,7 +45,7 @@ from ..checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, sav
 from ..config import Config, ConfigError
 from ..data import create_dataset
 from ..losses import DiffusionLoss, NCSNLoss
-from ..models import create_model
+from ..models import create_model, recompute_blocks
 from ..pipeline import DiffusionPipeline, build_sampler, check_class_rows, check_image_size
 from ..processes import create_process
 from ..runtime import set_runtime
@@ -51,12 +55,13 @@ from .distributed import download_once
 from .ema import EMA
 from .evaluation import TrainingEvaluation
 from .lr_schedule import warmup_cosine_lr
+from .randomness import TrainingDraws, counters_per_sample
 from .step import DataParallelReduce, TrainStep
 
 # train.* keys that may change between a run and its resumption; everything else must match. (A new train.steps
-# stretches the cosine schedule from the resumed step on.)
+# stretches the cosine schedule from the resumed step on; train.recompute changes memory and time, not the numbers.)
 RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "save_every", "keep_checkpoints", "num_samples",
-                  "max_nonfinite_steps", "output_dir", "eval_every"}
+                  "max_nonfinite_steps", "output_dir", "eval_every", "recompute"}
 
 
 class TrainingError(RuntimeError):
@@ -184,23 +189,6 @@ def check_resumable(saved_yaml, cfg):
                           + ". Use the checkpoint's config (config.yaml in the run folder) or a new output_dir.")
 
 
-def step_randomness(seed, rank, step, micro, shape, num_labels, labels=None, drop_prob=0.0, null_label=None):
-    """The random inputs of one micro-batch, from the NumPy generator seeded with (seed, rank, step, micro):
-
-    t (B,) int32 uniform in [0, num_labels) (Ho et al. 2020, Algorithm 1; NCSN: the level indices), noise
-    (B, C, H, W) float32 standard normal, and, for class labels (B,), the condition: each label replaced by
-    `null_label` with probability `drop_prob` (Ho & Salimans 2021, Algorithm 1), else None. Drawn in this order,
-    so unconditional runs draw exactly what they drew before conditioning existed.
-    """
-    rng = np.random.default_rng([seed, rank, step, micro])
-    t = rng.integers(0, num_labels, shape[0]).astype(np.int32)
-    noise = rng.standard_normal(shape, dtype=np.float32)
-    if labels is None:
-        return t, noise, None
-    drop = rng.random(shape[0]) < drop_prob
-    return t, noise, np.where(drop, null_label, labels).astype(np.int32)
-
-
 class Trainer:
     """Builds a run from a Config and trains it; `train()` returns the final loss.
 
@@ -226,6 +214,8 @@ class Trainer:
         check_image_size(self.model, cfg)
         # the null label is the row after the classes (Unet(num_classes=N): row N); used only with label dropout
         self.null_label = len(cfg.data.class_names) if self.conditional else None
+        if t.recompute:
+            recompute_blocks(self.model)
         if t.amp_level != "O0":
             self.model = mixed_precision(self.model, t.amp_level, getattr(ms, t.amp_dtype))
         d = cfg.diffusion
@@ -248,9 +238,19 @@ class Trainer:
         reduce = DataParallelReduce(self.optimizer.parameters, group_size) if group_size > 1 else None
         if group_size > 1 and cfg.data.download:  # before the ranks' pipelines, which would each download
             download_once(cfg.data.name, cfg.data.root, rank)
-        self.step_fn = TrainStep(self.loss_fn, self.optimizer, build_loss_scaler(t), t.grad_clip,
-                                 t.grad_accumulation, reduce, jit=t.mode == "graph")
         self.ema = EMA(self.model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
+        global_batch = t.batch_size * t.grad_accumulation * group_size
+        shape = (t.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+        if global_batch * counters_per_sample(shape) > 2**32:
+            raise ConfigError(f"a global batch of {global_batch} images of {shape[1:]} needs more than 2^32 random "
+                              "counters per step: lower train.batch_size or train.grad_accumulation")
+        try:
+            draws = TrainingDraws(t.seed, self.num_labels, d.cond_drop_prob if self.conditional else 0.0,
+                                  self.null_label)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.step_fn = TrainStep(self.loss_fn, self.optimizer, build_loss_scaler(t), draws, t.grad_clip,
+                                 t.grad_accumulation, reduce, rank, self.ema, t.ema_every, jit=t.mode == "graph")
         self.step = 0
         self.log_path = self.output_dir / "train_log.jsonl"
         # FD / KID every eval_every steps, on rank 0 (the test split's features computed here, once)
@@ -366,31 +366,30 @@ class Trainer:
         save_image_grid(samples, path, labels=labels)
 
     def _loop(self, until, global_batch, bar, stop):
-        """Optimizer steps from self.step to `until`; returns the last loss. `stop`: the run's `StopSignals`."""
+        """Optimizer steps from self.step to `until`; returns the last loss. `stop`: the run's `StopSignals`.
+
+        Between logging steps nothing is read back from the device: the step draws its own t and noise, updates
+        the EMA and counts non-finite steps itself."""
         t = self.cfg.train
-        nonfinite, loss, last_time, last_step = 0, float("nan"), time.perf_counter(), self.step
+        last_time, last_step = time.perf_counter(), self.step
         data = self.batches()
-        drop = self.cfg.diffusion.cond_drop_prob
+        self.step_fn.start_at(self.step)
+        loss_t = None
         while self.step < until:
             for micro in range(t.grad_accumulation):
                 images, labels = next(data)
-                ts, noise, cond = step_randomness(t.seed, self.rank, self.step, micro, images.shape, self.num_labels,
-                                                  labels, drop, self.null_label)
-                loss_t, finite, norm = self.step_fn(ms.Tensor(images), ms.Tensor(ts), ms.Tensor(noise),
-                                                    micro == t.grad_accumulation - 1,
-                                                    None if cond is None else ms.Tensor(cond))
-            loss, finite = float(loss_t.asnumpy()), bool(finite.asnumpy())
-            nonfinite = 0 if finite and math.isfinite(loss) else nonfinite + 1
-            if nonfinite >= t.max_nonfinite_steps:
-                raise TrainingError(
-                    f"loss or gradients were non-finite for {nonfinite} steps in a row (step {self.step}, loss {loss}); "
-                    "lower train.lr, set train.amp_level=O0, or check the data")
+                loss_t, _, norm = self.step_fn(ms.Tensor(images), None if labels is None else ms.Tensor(labels),
+                                               micro == t.grad_accumulation - 1)
             self.step += 1
-            if self.ema is not None and finite and self.step % t.ema_every == 0:
-                self.ema.update()
             bar.update(1)
-            scale = float(self.step_fn.loss_scaler.scale_value.asnumpy())
             if self.step % t.log_every == 0 or self.step == t.steps:
+                loss = float(loss_t.asnumpy())
+                nonfinite = int(self.step_fn.nonfinite_steps.asnumpy())
+                if nonfinite >= t.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"loss or gradients were non-finite for {nonfinite} steps in a row (step {self.step}, loss "
+                        f"{loss}); lower train.lr, set train.amp_level=O0, or check the data")
+                scale = float(self.step_fn.loss_scaler.scale_value.asnumpy())
                 now = time.perf_counter()
                 img_s = (self.step - last_step) * global_batch / (now - last_time)
                 last_time, last_step = now, self.step
@@ -411,7 +410,7 @@ class Trainer:
                 self.sample_grid(self.output_dir / f"samples_{self.step:08d}.png")
             if self.evaluation is not None and (self.step % t.eval_every == 0 or self.step == t.steps):
                 self.evaluation(self)
-        return loss
+        return float("nan") if loss_t is None else float(loss_t.asnumpy())
 
     def train(self, until=None):
         """Train to `train.steps` (or only to step `until`; the run can be continued later) and return the last loss."""
