@@ -18,6 +18,7 @@ KL weight of the first stage (1e-6) the posterior's standard deviation is small 
 deviation), so that the diffusion's unit-variance prior and noise schedule fit them as they fit images in [-1, 1]
 (LDM estimates it on the first batch, here on the whole training split).
 """
+import inspect
 import json
 from dataclasses import dataclass
 from typing import Optional
@@ -78,8 +79,10 @@ def diffusion_shape(cfg):
     kwargs = cfg.latent.autoencoder_kwargs
     if kwargs is None:
         return (c.channels, c.image_size, c.image_size)
-    f = 2 ** (len(kwargs["block_out_channels"]) - 1)
-    return (kwargs.get("latent_channels", 4), c.image_size // f, c.image_size // f)
+    args = {name: p.default for name, p in inspect.signature(AutoencoderKL).parameters.items()}
+    args.update(kwargs)  # the constructor's defaults where the arguments leave them out
+    f = 2 ** (len(args["block_out_channels"]) - 1)
+    return (args["latent_channels"], c.image_size // f, c.image_size // f)
 
 
 class FirstStage(nn.Cell):

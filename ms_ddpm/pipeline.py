@@ -122,6 +122,9 @@ class DiffusionPipeline:
         """
         state = load_checkpoint(path)
         cfg = Config.from_dict(yaml.safe_load(state["config"]))
+        if cfg.model.name == "autoencoder_kl":
+            raise CheckpointError(f"{path} is an autoencoder's checkpoint: it encodes and decodes, it does not "
+                                  "sample; train a diffusion model on its latents (latent.autoencoder) and sample that")
         # sampling runs in float32: the training precision does not apply (nor its device limits)
         cfg.train.mode, cfg.train.device, cfg.train.amp_level = mode, device, "O0"
         set_runtime(cfg.train)

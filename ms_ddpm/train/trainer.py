@@ -303,6 +303,10 @@ class Trainer:
         elif cfg.autoencoder != AutoencoderConfig():
             raise ConfigError("the autoencoder section sets the loss of model.name autoencoder_kl runs; drop it for "
                               f"model.name {cfg.model.name!r} (latent diffusion takes a trained one: latent.autoencoder)")
+        lat = cfg.latent
+        if lat.autoencoder is None and (lat.autoencoder_kwargs is not None or lat.scaling_factor != "auto"):
+            raise ConfigError("latent.scaling_factor and latent.autoencoder_kwargs belong to a latent run: set "
+                              "latent.autoencoder (the autoencoder's checkpoint) or drop them")
         if cfg.latent.autoencoder and cfg.data.random_flip:
             raise ConfigError("data.random_flip with latent.autoencoder: the latent cache is encoded once, unflipped; "
                               "set data.random_flip: false")
