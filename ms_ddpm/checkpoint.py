@@ -2,8 +2,9 @@
 
 `save_atomic` / `load_verified` are the two primitives every checkpoint of ms_ddpm goes through (training runs here,
 the feature extractors of `ms_ddpm.metrics.features`). A training-run checkpoint holds the model weights (their own
-names), the EMA weights ("ema.*"), the optimizer state (its moment Parameters and step), the loss-scaler state, and,
-as appended strings, the step and the resolved config (YAML; with the class names of a class-conditional run), so
+names), the EMA weights ("ema.*"), the optimizer state (its moment Parameters and step), the loss-scaler state, a
+latent run's autoencoder ("autoencoder.*", `ms_ddpm.latent.FirstStage`), and, as appended strings, the step and the
+resolved config (YAML; with the class names of a class-conditional run, a latent run's scaling factor), so
 `--resume` continues bit for bit and sampling (`ms_ddpm.pipeline.DiffusionPipeline.from_checkpoint`) needs nothing
 else. (The host random state needs no entry: the trainer derives it from the seed, the rank and the step.)
 """

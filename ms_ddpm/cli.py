@@ -75,7 +75,7 @@ def sample_main(args):
 
     def keep_first_batch(batch, out):
         if args.gif and batch == 0:
-            frames.append(out.prev_sample.asnumpy())
+            frames.append(pipe.to_images(out.prev_sample))  # a latent run's latents decoded
 
     samples, labels = pipe(args.num, args.class_labels, args.guidance_scale, sampler, args.steps, args.seed,
                            args.batch_size, callback=keep_first_batch)

@@ -1,4 +1,5 @@
-"""Run configuration: four sections (model, diffusion, data, train) read from YAML, checked, overridable.
+"""Run configuration: sections model, diffusion, data, train (and autoencoder, latent for latent diffusion) read
+from YAML, checked, overridable.
 
 Unknown keys are rejected with the list of valid ones, so a typo never silently falls back to a default, and every
 value is checked against its field's type (`train.steps: many` is refused by name).
@@ -18,14 +19,16 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    name: str = "unet"  # "unet" (annotated-diffusion U-Net) or "ddpm_unet" (the DDPM paper's CIFAR-10 network)
+    # "unet" (annotated-diffusion U-Net), "ddpm_unet" (the DDPM paper's CIFAR-10 network), or "autoencoder_kl" (the
+    # latent-diffusion first stage, trained with the autoencoder section's loss instead of a diffusion)
+    name: str = "unet"
     kwargs: dict = field(default_factory=lambda: {"dim": 16, "dim_mults": [1, 2], "channels": 1})  # constructor args
 
 
 PROCESSES = ("ddpm", "ncsn")
 # diffusion keys of process "ncsn"; all others but COMMON_KEYS belong to "ddpm"
 NCSN_KEYS = ("sigma_max", "sigma_min", "num_noise_levels", "langevin_step_lr")
-COMMON_KEYS = ("process", "cond_drop_prob")
+COMMON_KEYS = ("process", "cond_drop_prob", "clip_denoised")
 
 
 @dataclass
@@ -42,6 +45,9 @@ class DiffusionConfig:
     # classifier-free guidance (Ho & Salimans 2021, Algorithm 1): the probability with which training replaces a
     # class label by the null label, so one network also learns the unconditional model; class-conditional models only
     cond_drop_prob: float = 0.0
+    # clip the predicted x_0 to [-1, 1] when sampling (the data's range); None: in pixel space yes, in the latent
+    # space of a `latent` run no (latents are not bounded)
+    clip_denoised: Optional[bool] = None
     # process ddpm
     num_timesteps: int = 1000  # T, training chain length
     beta_schedule: str = "linear"  # linear | cosine | quadratic | sigmoid
@@ -66,6 +72,8 @@ class DiffusionConfig:
         p = self.cond_drop_prob
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
             raise ConfigError(f"diffusion.cond_drop_prob must be in [0, 1) (0.1 is usual), got {self.cond_drop_prob!r}")
+        if self.process == "ncsn" and self.clip_denoised:
+            raise ConfigError("diffusion.clip_denoised: the NCSN samplers do not clip; drop it")
         other = "ddpm" if self.process == "ncsn" else "ncsn"
         idle = [f.name for f in dataclasses.fields(self)
                 if f.name not in COMMON_KEYS and (f.name in NCSN_KEYS) == (other == "ncsn")
@@ -150,7 +158,48 @@ class TrainConfig:
                 f"{self.steps // 10}) or raise train.steps")
 
 
-SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
+RECONSTRUCTION_LOSSES = ("l1", "l2")
+
+
+@dataclass
+class AutoencoderConfig:
+    """The loss of a `model.name: autoencoder_kl` run, the LDM first stage (Rombach et al. 2022, Sec. 3.1 and
+    Appendix G) without its perceptual and adversarial terms: per image, the reconstruction error summed over
+    pixels plus kl_weight x KL(q(z | x) || N(0, I)), averaged over the batch (`ms_ddpm.losses.AutoencoderLoss`)."""
+
+    loss_type: str = "l1"  # reconstruction error: l1 (LDM's) | l2
+    kl_weight: float = 1.0e-6  # weight of the KL term (LDM's KL-f models: 1e-6, "a slight KL-penalty")
+
+    def __post_init__(self):
+        if self.loss_type not in RECONSTRUCTION_LOSSES:
+            raise ConfigError(f"autoencoder.loss_type must be one of {list(RECONSTRUCTION_LOSSES)}, got "
+                              f"{self.loss_type!r}")
+        if not self.kl_weight >= 0:
+            raise ConfigError(f"autoencoder.kl_weight must be >= 0, got {self.kl_weight!r}")
+
+
+@dataclass
+class LatentConfig:
+    """Diffusion in the latent space of a trained autoencoder (Rombach et al. 2022): the trainer encodes the data
+    once into a latent cache (`ms_ddpm.latent`) and the samples are decoded; the checkpoints carry the autoencoder."""
+
+    # the autoencoder's checkpoint: one of an `ms-ddpm train` run with model.name autoencoder_kl (its EMA weights when
+    # it has them), or of scripts/convert_diffusers_vae.py; None: diffusion in pixel space
+    autoencoder: Optional[str] = None
+    # the diffusion model sees z * scaling_factor; auto: 1 / std of the training latents (Sec. 4.3.2), computed by
+    # the trainer and stored in the run's config
+    scaling_factor: typing.Union[float, str] = "auto"
+    # the autoencoder's constructor arguments, filled in by the trainer (so sampling rebuilds it from a checkpoint)
+    autoencoder_kwargs: Optional[dict] = None
+
+    def __post_init__(self):
+        s = self.scaling_factor
+        if s != "auto" and (isinstance(s, (bool, str)) or not s > 0):
+            raise ConfigError(f"latent.scaling_factor must be auto or a positive number, got {s!r}")
+
+
+SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig,
+            "autoencoder": AutoencoderConfig, "latent": LatentConfig}
 
 
 class ConfigError(ValueError):
@@ -162,14 +211,25 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 
 def _checked(where, value, annotation):
-    """`value` if it fits the field type `annotation` (one of _TYPE_NAMES, or Optional of one), else a ConfigError.
+    """`value` if it fits the field type `annotation` (one of _TYPE_NAMES, Optional of one, or a Union of them,
+    tried in order), else a ConfigError.
 
     Integers pass as floats. Strings that spell a float pass as floats too: YAML 1.1 reads `1e-4` (no dot) as a
     string, and `train.lr=1e-4` should mean what it says."""
-    optional = typing.get_origin(annotation) is typing.Union
-    kind = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
+    kinds = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Union else (annotation,)
+    optional = type(None) in kinds
+    kinds = [k for k in kinds if k is not type(None)]
     if value is None and optional:
         return None
+    if len(kinds) > 1:
+        for kind in kinds:
+            try:
+                return _checked(where, value, kind)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where} must be {' or '.join(_TYPE_NAMES[k] for k in kinds)}, got {value!r} "
+                          f"({type(value).__name__})")
+    kind = kinds[0]
     if kind is float and isinstance(value, str):
         try:
             return float(value)
@@ -189,6 +249,8 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     @classmethod
     def from_dict(cls, raw):

@@ -1,5 +1,5 @@
-"""Training losses: the diffusion loss with its per-pixel loss types and per-timestep weightings, and NCSN's
-denoising score matching.
+"""Training losses: the diffusion loss with its per-pixel loss types and per-timestep weightings, NCSN's
+denoising score matching, and the latent-diffusion autoencoder's reconstruction + KL loss.
 
 `DiffusionLoss` weightings are written for the eps objective and carried over to the others through the identities
 ||x0_hat - x_0||^2 = ||eps_hat - eps||^2 / SNR and ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x_0||^2
@@ -18,6 +18,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from .models import call_network
+from .models.autoencoder_kl import kl_standard_normal, sample_posterior
 from .utils import check_choice
 
 LOSS_TYPES = ("l1", "l2", "huber")
@@ -100,3 +101,41 @@ class NCSNLoss(nn.Cell):
         score = call_network(self.network, x + sigma * noise, labels, cond).astype(ms.float32)
         residual = sigma * score + noise
         return 0.5 * (residual * residual).reshape(x.shape[0], -1).sum(1).mean()
+
+
+class AutoencoderLoss(nn.Cell):
+    """The first-stage loss of latent diffusion without its perceptual and adversarial terms (Rombach et al. 2022,
+    Sec. 3.1 and Appendix G; LDM's LPIPSWithDiscriminator with those weights at 0 and its log-variance at 0):
+
+        loss = mean over the batch of [ sum over pixels |x - D(z)|  (l1; l2: squared)  +  kl_weight KL(q(z|x) || N(0, I)) ]
+
+    with z = mean + std * eps drawn from the posterior by the reparameterisation (Kingma & Welling 2014, Sec. 2.4),
+    so the reconstruction error is differentiated through the sample, and the KL in closed form
+    (`kl_standard_normal`, their Appendix B). Sums over pixels, as LDM, so `kl_weight` keeps the paper's meaning.
+
+    construct(x_start, t, noise, cond=None): x_start (B, C, H, W) images in [-1, 1]; t unused (the training step's
+    interface); noise (B, latent_channels, H/f, W/f) standard normal, the eps of the posterior sample; cond must be
+    None. Returns the scalar loss; `terms` gives its two terms per image.
+    """
+
+    def __init__(self, autoencoder, loss_type="l1", kl_weight=1e-6):
+        super().__init__(auto_prefix=False)  # the autoencoder's parameter names stay its own, as DiffusionLoss's
+        self.autoencoder = autoencoder
+        self.loss_type = check_choice("autoencoder.loss_type", loss_type, ("l1", "l2"))
+        self.kl_weight = float(kl_weight)
+
+    def noise_shape(self, shape):
+        """The shape of the posterior sample's eps for images of `shape`: the latents' (the training step asks)."""
+        return self.autoencoder.latent_shape(shape)
+
+    def terms(self, x_start, noise):
+        """(reconstruction error, KL), each (B,) float32: the two terms of the loss per image."""
+        mean, logvar = self.autoencoder.encode(x_start)
+        reconstruction = self.autoencoder.decode(sample_posterior(mean, logvar, noise))
+        diff = reconstruction.astype(ms.float32) - x_start.astype(ms.float32)
+        error = ops.abs(diff) if self.loss_type == "l1" else diff * diff
+        return error.sum(axis=(1, 2, 3)), kl_standard_normal(mean, logvar)
+
+    def construct(self, x_start, t, noise, cond=None):
+        reconstruction, kl = self.terms(x_start, noise)
+        return (reconstruction + self.kl_weight * kl).mean()

@@ -10,6 +10,10 @@ pipeline (class labels and their null label on the doubled batch), smaller: the 
 batch i from the seed `seed + i` (the same arguments give the same samples, in either execution mode up to float32
 rounding). `ms-ddpm sample`, `ms-ddpm evaluate` and the trainer's sample grids generate through it.
 
+Latent diffusion (`ms_ddpm.latent`): for a run with a `latent` section the pipeline also holds the autoencoder's
+decoder (`FirstStage`, its weights from the checkpoint's "autoencoder.*" entries): it samples latents and returns
+their decoded images, so everything downstream (grids, `ms-ddpm evaluate`) sees images as from a pixel model.
+
 Class conditioning: the config's `data.class_names` are the classes (label i is class_names[i]); the network has a
 class embedding of `num_class_embeds` rows. Classifier-free guidance (`ms_ddpm.guidance`) needs a null label, row
 `num_classes`, that training used (`diffusion.cond_drop_prob` > 0).
@@ -21,7 +25,8 @@ import yaml
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError
 from .guidance import ClassifierFreeGuidance
-from .models import create_model
+from .latent import FirstStage, diffusion_shape
+from .models import AutoencoderKL, create_model
 from .processes import create_process
 from .runtime import set_runtime
 from .samplers import DIFFUSION_SAMPLERS, NCSN_SAMPLERS, Sampler, create_sampler
@@ -74,11 +79,14 @@ def check_class_rows(network, cfg):
 
 
 def check_image_size(network, cfg):
-    """Refuse a `data.image_size` the network cannot take, before any graph is compiled."""
+    """Refuse a `data.image_size` the network cannot take (for a latent run: the size of its latents), before any
+    graph is compiled."""
+    _, height, width = diffusion_shape(cfg)
     try:
-        network.check_image_size(cfg.data.image_size, cfg.data.image_size)
+        network.check_image_size(height, width)
     except ValueError as err:
-        raise ConfigError(f"data.image_size={cfg.data.image_size}: {err}") from None
+        latent = f" (latents of {height}x{width})" if cfg.latent.autoencoder_kwargs is not None else ""
+        raise ConfigError(f"data.image_size={cfg.data.image_size}{latent}: {err}") from None
 
 
 class DiffusionPipeline:
@@ -88,13 +96,19 @@ class DiffusionPipeline:
         network: the denoising network (inference mode is set here); class-conditional or not.
         process: its noise process (`create_process(config.diffusion)`).
         config: the run's `Config` (its data section gives the image shape and the class names).
+        first_stage: for a latent run, its `FirstStage` (the decoder of the latents); None in pixel space.
     """
 
-    def __init__(self, network, process, config):
+    def __init__(self, network, process, config, first_stage=None):
         check_class_rows(network, config)
         check_image_size(network, config)
+        if (first_stage is None) != (config.latent.autoencoder_kwargs is None):
+            raise ValueError("a latent run's pipeline needs its first stage (FirstStage), a pixel run's none")
         network.set_train(False)
         self.network, self.process, self.config = network, process, config
+        self.first_stage = first_stage
+        if first_stage is not None:
+            first_stage.set_train(False)
         self._guided = None
         #: the checkpoint's step and "ema" or "raw" weights, when built by `from_checkpoint`
         self.checkpoint_step, self.weights = None, None
@@ -108,6 +122,9 @@ class DiffusionPipeline:
         """
         state = load_checkpoint(path)
         cfg = Config.from_dict(yaml.safe_load(state["config"]))
+        if cfg.model.name == "autoencoder_kl":
+            raise CheckpointError(f"{path} is an autoencoder's checkpoint: it encodes and decodes, it does not "
+                                  "sample; train a diffusion model on its latents (latent.autoencoder) and sample that")
         # sampling runs in float32: the training precision does not apply (nor its device limits)
         cfg.train.mode, cfg.train.device, cfg.train.amp_level = mode, device, "O0"
         set_runtime(cfg.train)
@@ -120,7 +137,16 @@ class DiffusionPipeline:
             raise CheckpointError(f"{path} lacks weights for {missing[:3]}...: it does not match its own config")
         ms.load_param_into_net(net, {n: ms.Parameter(state[prefix + n].value(), name=n) for n in names},
                                strict_load=True)
-        pipe = cls(net, create_process(cfg.diffusion), cfg)
+        first_stage = None
+        if cfg.latent.autoencoder_kwargs is not None:  # its weights travel in the checkpoint, never trained
+            first_stage = FirstStage(AutoencoderKL(**cfg.latent.autoencoder_kwargs), cfg.latent.scaling_factor)
+            stage = {p.name: p for p in first_stage.get_parameters()}
+            missing = [n for n in stage if n not in state]
+            if missing:
+                raise CheckpointError(f"{path} lacks the autoencoder weights {missing[:3]}... of its latent run")
+            ms.load_param_into_net(first_stage, {n: ms.Parameter(state[n].value(), name=n) for n in stage},
+                                   strict_load=True)
+        pipe = cls(net, create_process(cfg.diffusion, latent=first_stage is not None), cfg, first_stage)
         pipe.checkpoint_step, pipe.weights = state["step"], kind
         return pipe
 
@@ -181,6 +207,16 @@ class DiffusionPipeline:
             self._guided.set_guidance_scale(guidance_scale)
         return self._guided
 
+    @property
+    def sample_shape(self):
+        """(C, H, W) of what the samplers draw: the images, or a latent run's latents."""
+        return diffusion_shape(self.config)
+
+    def to_images(self, x):
+        """Samplers' output (a (B,) + sample_shape tensor) -> images (B, C, H, W) as NumPy: the latents decoded
+        (`FirstStage`) for a latent run, else x itself."""
+        return (x if self.first_stage is None else self.first_stage(x)).asnumpy()
+
     def create_sampler(self, name=None, **kwargs):
         """A sampler of this pipeline's process (`build_sampler`)."""
         return build_sampler(self.config, self.process, name, **kwargs)
@@ -199,7 +235,8 @@ class DiffusionPipeline:
             seed: batch i is drawn from seed + i.
             batch_size: images per batch (the last one may be smaller).
             progress: show the sampler's progress bar.
-            callback: called as callback(batch_index, SamplerOutput) after every step (e.g. for an animation).
+            callback: called as callback(batch_index, SamplerOutput) after every step (e.g. for an animation); a
+                latent run's outputs are latents (`to_images` decodes them).
 
         Returns:
             (samples, labels): float32 (N, C, H, W) clipped to [-1, 1], and int32 (N,) labels or None.
@@ -211,14 +248,13 @@ class DiffusionPipeline:
         chain = sampler if isinstance(sampler, Sampler) else self.create_sampler(sampler)
         if steps is not None:
             chain.set_timesteps(steps)
-        c = self.config.data
         samples = []
         for i, start in enumerate(range(0, num_samples, batch_size)):
             n = min(batch_size, num_samples - start)
             cond = None if labels is None else ms.Tensor(labels[start:start + n])
-            shape = (n, c.channels, c.image_size, c.image_size)
+            shape = (n,) + self.sample_shape
             for out in chain.sample_progressive(model, shape, seed=seed + i, progress=progress, cond=cond):
                 if callback is not None:
                     callback(i, out)
-            samples.append(out.prev_sample.asnumpy())
+            samples.append(self.to_images(out.prev_sample))
         return np.clip(np.concatenate(samples), -1.0, 1.0), labels

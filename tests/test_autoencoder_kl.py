@@ -129,7 +129,7 @@ def test_from_diffusers_config_refuses_what_it_cannot_represent(change, message)
 
 
 def test_input_size_not_divisible(converted):
-    with pytest.raises(ValueError, match="multiple of 2"):
+    with pytest.raises(ValueError, match="multiples of 2"):
         converted.vae.encode(ms.Tensor(np.zeros((1, 3, 7, 8), np.float32)))
 
 

@@ -226,6 +226,8 @@ def sources(cmd, prog, train_cfg=None):
     needed = [p for p, is_output in path_tokens(cmd.argv) if not is_output and p != prog.script]
     if train_cfg is not None and "--resume" in prog.args:
         needed.append(os.path.normpath(train_cfg.train.output_dir))  # the run to continue
+    if train_cfg is not None and train_cfg.latent.autoencoder:  # a latent run reads its autoencoder's checkpoint
+        needed.append(os.path.normpath(train_cfg.latent.autoencoder))
     for path in needed:
         run_dir = path if path in ckpt_dirs else os.path.dirname(path)
         if (REPO / path).exists():
@@ -261,6 +263,12 @@ def tiny_train_overrides(cfg):
             "train.sample_every=2", "train.num_samples=4", "train.sample_steps=2"]
     if cfg.model.name == "unet":
         tiny = dict(cfg.model.kwargs, dim=8, dim_mults=[1], heads=1, dim_head=8)  # one level: a shorter compile
+        if "cross_attention_levels" in tiny:
+            tiny["cross_attention_levels"] = [0]  # the one level left
+        sets.append("model.kwargs=" + yaml.safe_dump(tiny, default_flow_style=True).strip())
+    elif cfg.model.name == "autoencoder_kl":  # narrow, with the config's levels (its latents' size) and channels
+        levels = len(cfg.model.kwargs["block_out_channels"])
+        tiny = dict(cfg.model.kwargs, block_out_channels=[8] * levels, layers_per_block=1, norm_num_groups=4)
         sets.append("model.kwargs=" + yaml.safe_dump(tiny, default_flow_style=True).strip())
     return ["--set", *sets]
 

@@ -1,7 +1,8 @@
 """The tutorial notebooks run top to bottom with the small settings and are committed without outputs.
 
-The notebooks run in order (01 .. 07) in their own folder, as a reader runs them: 03 trains the model whose
-checkpoint 04 and 05 load (each trains it itself when run alone); 07 trains a class-conditional model of its own.
+The notebooks run in order (01 .. 08) in their own folder, as a reader runs them: 03 trains the model whose
+checkpoint 04 and 05 load (each trains it itself when run alone); 07 trains a class-conditional model of its own,
+08 an autoencoder and a latent model.
 They read the digits the package carries (MS_DDPM_DATA unset). Their files go to tutorials/outputs/small/, which git
 ignores. The kernel is this interpreter (sys.executable), declared in a kernelspec in a temporary
 folder, so nothing is installed into the user's Jupyter setup.
@@ -32,6 +33,7 @@ EXPECTED_FILES = {
     "04_sampling.ipynb": ["denoising.gif"],
     "05_score_sde_samplers.ipynb": ["frechet_pixels.json"],
     "07_conditional_guidance.ipynb": ["cond_train/ckpt_*.ckpt", "guidance/fd_accuracy.json"],
+    "08_latent_diffusion.ipynb": ["vae_train/ckpt_*.ckpt", "ldm_train/ckpt_*.ckpt", "latent/summary.json"],
 }
 EXPECTED_TEXT = {
     "02_unet.ipynb": ["35,746,307"],
@@ -41,7 +43,7 @@ EXPECTED_TEXT = {
 
 
 def test_the_notebooks_are_found():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -125,6 +127,9 @@ def test_notebook_runs_with_small_settings(path, kernel_dir, monkeypatch):
         table = json.loads((SMALL_OUT / "guidance" / "fd_accuracy.json").read_text())
         assert set(table) == {"1", "2", "4"}
         assert all(np.isfinite(v["fd"]) and 0 <= v["class_accuracy"] <= 1 for v in table.values())
+    if path.name == "08_latent_diffusion.ipynb":
+        summary = json.loads((SMALL_OUT / "latent" / "summary.json").read_text())
+        assert summary["1"]["finite"] and summary["2"]["finite"] and summary["scaling_factor"] > 0
 
 
 @pytest.mark.slow

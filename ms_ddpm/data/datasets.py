@@ -286,6 +286,33 @@ def default_workers():
     return max(1, min(8, usable - 1))
 
 
+def _sampler(num_shards, shard_id, shuffle, seed):
+    """The sampler of every pipeline here: shard `shard_id` of `num_shards` (None: one shard), shuffled with `seed`."""
+    sampler = ds.DistributedSampler(num_shards, shard_id, shuffle=bool(shuffle))
+    if seed is not None:
+        # The sampler copies the global dataset seed when it is built and uses `self.seed` when the pipeline
+        # starts, so overriding the attribute seeds this pipeline alone (ms.dataset.config.set_seed would also
+        # reseed Python's and NumPy's global generators).
+        sampler.seed = _check_int("seed", seed, 0, _MAX_SEED)
+    return sampler
+
+
+def create_array_dataset(arrays, columns, batch_size, shuffle=True, seed=None, num_shards=None, shard_id=None):
+    """A batched pipeline over in-memory arrays (e.g. a latent cache, `ms_ddpm.latent`), columns `columns`, with
+    `create_dataset`'s sampler: the same shuffle, shards and seed give the same order of the same N indices.
+    The last incomplete batch is dropped; `num_images` is set as by `create_dataset`."""
+    batch_size = _check_int("batch_size", batch_size, 1)
+    num_shards, shard_id = _check_shards(num_shards, shard_id)
+    dataset = ds.NumpySlicesDataset(tuple(arrays), column_names=list(columns),
+                                    sampler=_sampler(num_shards, shard_id, shuffle, seed))
+    num_images = dataset.get_dataset_size()
+    if num_images < batch_size:
+        raise ValueError(f"{num_images} cached examples per shard, fewer than batch_size={batch_size}: lower it")
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset.num_images = num_images
+    return dataset
+
+
 def create_dataset(
     name,
     root=None,
@@ -368,12 +395,7 @@ def create_dataset(
     num_shards, shard_id = _check_shards(num_shards, shard_id)
     columns = ["image", "label"] if labels else ["image"]
 
-    sampler = ds.DistributedSampler(num_shards, shard_id, shuffle=bool(shuffle))
-    if seed is not None:
-        # The sampler copies the global dataset seed when it is built and uses `self.seed` when the pipeline
-        # starts, so overriding the attribute seeds this pipeline alone (ms.dataset.config.set_seed would also
-        # reseed Python's and NumPy's global generators).
-        sampler.seed = _check_int("seed", seed, 0, _MAX_SEED)
+    sampler = _sampler(num_shards, shard_id, shuffle, seed)
 
     if download:
         if name == "folder":

@@ -186,6 +186,9 @@ def evaluate(ckpt, sampler=None, steps=None, num=1000, batch_size=250, seed=0, f
     if cfg.diffusion.process == "ncsn" and bpd_batches:
         raise ValueError("bits/dim from the variational bound needs a DDPM chain; this checkpoint is an NCSN "
                          "(diffusion.process ncsn): drop bpd_batches")
+    if pipe.first_stage is not None and (bpd_batches or bpd_ode_batches):
+        raise ValueError("bits/dim of a latent diffusion model would be those of its latents, not of the images: "
+                         "drop --bpd-batches and --bpd-ode-batches")
     name = sampler or default_sampler(cfg)
     chain = pipe.create_sampler(name)  # a sampler of the other process is refused here
     if steps is not None:  # else the sampler's default: every training timestep / noise level, or ald's 100 per level
@@ -203,9 +206,9 @@ def evaluate(ckpt, sampler=None, steps=None, num=1000, batch_size=250, seed=0, f
     # untimed: compiles the network and warms every kernel up
     pipe(sizes[0], guidance_scale=guidance_scale, sampler=chain, seed=seed, batch_size=batch_size, progress=progress)
     if sizes[-1] != sizes[0]:  # the smaller last batch has a shape of its own: one step compiles it, untimed
-        shape = (sizes[-1], c.channels, c.image_size, c.image_size)
+        shape = (sizes[-1],) + pipe.sample_shape
         cond = None if labels is None else ms.Tensor(labels[:sizes[-1]])
-        next(chain.sample_progressive(model, shape, seed=seed, progress=False, cond=cond)).prev_sample.asnumpy()
+        pipe.to_images(next(chain.sample_progressive(model, shape, seed=seed, progress=False, cond=cond)).prev_sample)
     warmup_s = time.perf_counter() - start
 
     start = time.perf_counter()

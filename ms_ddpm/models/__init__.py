@@ -1,4 +1,5 @@
-"""Denoising networks: construct(x (B, C, H, W), t (B,), cond=None) -> (B, C_out, H, W).
+"""Denoising networks: construct(x (B, C, H, W), t (B,), cond=None) -> (B, C_out, H, W); and the latent-diffusion
+autoencoder (`autoencoder_kl`), which `ms-ddpm train` trains with its own loss and which shares the interface below.
 
 `cond` is the condition of the generation: for now a (B,) int32 tensor of class labels. A class-conditional network
 (built with `num_classes` / `num_class_embeds`) requires it, an unconditional one refuses it. Both networks expose
@@ -6,11 +7,15 @@
 `check_image_size(height, width)`, which refuses a size the network cannot take before anything is compiled, and
 `RECOMPUTE_UNITS`, the block classes `recompute_blocks` marks for recomputation.
 """
+import mindspore as ms
+import numpy as np
+
 from ..utils import check_choice
+from .autoencoder_kl import AutoencoderKL
 from .ddpm_unet import DDPMUNet
 from .unet import Unet
 
-MODELS = {"unet": Unet, "ddpm_unet": DDPMUNet}
+MODELS = {"unet": Unet, "ddpm_unet": DDPMUNet, "autoencoder_kl": AutoencoderKL}
 
 
 def create_model(name, **kwargs):
@@ -42,4 +47,20 @@ def call_network(network, x, t, cond=None):
     return network(x, t, cond)
 
 
-__all__ = ["Unet", "DDPMUNet", "MODELS", "create_model", "recompute_blocks", "call_network"]
+def apply_batched(network, images, batch_size):
+    """`network` (a Cell of one input) over images (N, ...) in batches of `batch_size`, the last one padded with
+    zeros so that graph mode compiles one shape; its output (or tuple of outputs) as NumPy, N rows each."""
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        n = len(x)
+        if n < batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
+        out = network(ms.Tensor(x))
+        outputs.append([o.asnumpy()[:n] for o in (out if isinstance(out, tuple) else (out,))])
+    joined = tuple(np.concatenate(column) for column in zip(*outputs))
+    return joined if len(joined) > 1 else joined[0]
+
+
+__all__ = ["Unet", "DDPMUNet", "AutoencoderKL", "MODELS", "create_model", "recompute_blocks", "call_network",
+           "apply_batched"]

@@ -16,10 +16,11 @@ the model's `config.json`.
 import mindspore as ms
 from mindspore import nn, ops
 
+from ..utils import check_halvable
+from .convolution import conv2d
 from .ddpm_unet import AttentionBlock, Downsample2D, Upsample2D
 from .normalization import GroupNorm
 from .state_dict import check_diffusers_options
-from .unet import conv2d
 
 __all__ = ["AutoencoderKL", "kl_standard_normal", "sample_posterior"]
 
@@ -205,6 +206,11 @@ class AutoencoderKL(nn.Cell):
     through the posterior mean (diffusers' forward with sample_posterior=False).
     """
 
+    # the units `models.recompute_blocks` recomputes (train.recompute): the ResNet blocks and the mid-block attention
+    RECOMPUTE_UNITS = (ResnetBlock2D, AttentionBlock)
+    #: no class conditioning (the interface `ms_ddpm.models` networks share)
+    num_class_embeds = None
+
     def __init__(self, in_channels=3, out_channels=3, block_out_channels=(64,), layers_per_block=1,
                  latent_channels=4, norm_num_groups=32, scaling_factor=0.18215):
         super().__init__()
@@ -254,13 +260,19 @@ class AutoencoderKL(nn.Cell):
                                  f"entry), config has {types}")
         return kwargs
 
+    def check_image_size(self, height, width):
+        """Refuse (ValueError) an image size that is not a multiple of f = 2**(levels - 1) (the decoder would not
+        restore it), before any graph is compiled."""
+        check_halvable("AutoencoderKL", height, width, len(self.encoder.down_blocks) - 1, "block_out_channels")
+
+    def latent_shape(self, shape):
+        """The shape (B, latent_channels, H/f, W/f) of the latents of images of `shape` (B, C, H, W)."""
+        f = self.downsample_factor
+        return (shape[0], self.latent_channels, shape[2] // f, shape[3] // f)
+
     def encode(self, x):
         """x (B, C, H, W) -> posterior mean and clamped log-variance, each (B, latent_channels, H/f, W/f)."""
-        if x.shape[-2] % self.downsample_factor != 0 or x.shape[-1] % self.downsample_factor != 0:
-            raise ValueError(
-                f"AutoencoderKL: image size {x.shape[-2]}x{x.shape[-1]} must be a multiple of "
-                f"{self.downsample_factor} in height and width (the decoder would not restore it)"
-            )
+        self.check_image_size(x.shape[-2], x.shape[-1])
         moments = self.quant_conv(self.encoder(x))
         mean, logvar = ops.chunk(moments, 2, axis=1)
         return mean, ops.clamp(logvar, LOGVAR_RANGE[0], LOGVAR_RANGE[1])

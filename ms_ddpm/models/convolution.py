@@ -44,3 +44,11 @@ class Conv2d(nn.Conv2d):
         if self.kernels is not None and x.dtype == ms.float32:
             return self.kernels(x, self.weight, self.bias, self.standardize_eps)
         return super().construct(x)
+
+
+def conv2d(in_channels, out_channels, kernel_size, groups=1, has_bias=True):
+    """A stride-1 'same' convolution initialised like PyTorch's Conv2d (a CPU kernel where it can be)."""
+    return Conv2d(
+        in_channels, out_channels, kernel_size, pad_mode="pad", padding=kernel_size // 2, group=groups,
+        has_bias=has_bias,
+    )

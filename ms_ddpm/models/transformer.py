@@ -12,8 +12,9 @@ Shapes: feature maps (B, C, H, W); token sequences (B, N, dim); context (B, L, c
 import mindspore as ms
 from mindspore import nn, ops
 
+from .convolution import conv2d
 from .normalization import GroupNorm
-from .unet import Softmax, conv2d
+from .softmax import Softmax
 
 __all__ = ["LayerNorm", "GEGLU", "FeedForward", "CrossAttention", "BasicTransformerBlock", "SpatialTransformer"]
 

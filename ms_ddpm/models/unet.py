@@ -6,24 +6,24 @@ Structure (Ronneberger et al. 2015 U-Net, as adapted by Ho et al. 2020 and lucid
 Blocks are ResNet blocks with weight-standardised convolutions, GroupNorm and scale-shift time conditioning, or
 ConvNeXt blocks (Liu et al. 2022) as in the first version of the tutorial. The time embedding is the sinusoidal
 one of `embeddings.py` followed by an MLP. Layer names follow the tutorial, so weights map one to one.
+
+Cross-attention (latent diffusion, Rombach et al. 2022, Sec. 3.3): with `context_dim`, the attention of the levels
+named in `cross_attention_levels` and the bottleneck's is a `SpatialTransformer` whose cross-attention reads context
+tokens tau(y), here the `ClassEmbedder` tokens of the class labels, as LDM's class-conditional models do (its
+middle block always holds one, as here).
 """
 import mindspore as ms
 from mindspore import nn, ops
 
 from ..utils import check_choice, check_halvable, check_int
-from .convolution import Conv2d
+from .context_encoder import ClassEmbedder
+from .convolution import Conv2d, conv2d
 from .embeddings import SinusoidalPositionEmbeddings, add_class_embedding, class_embedding_table
 from .normalization import GroupNorm
+from .softmax import Softmax
+from .transformer import SpatialTransformer
 
 BLOCK_TYPES = ("resnet", "convnext")
-
-
-def conv2d(in_channels, out_channels, kernel_size, groups=1, has_bias=True):
-    """A stride-1 'same' convolution initialised like PyTorch's Conv2d (a CPU kernel where it can be)."""
-    return Conv2d(
-        in_channels, out_channels, kernel_size, pad_mode="pad", padding=kernel_size // 2, group=groups,
-        has_bias=has_bias,
-    )
 
 
 class WeightStandardization(nn.Cell):
@@ -127,31 +127,6 @@ def _split_heads(qkv, heads):
     return [t.reshape(b, heads, c // (3 * heads), h * w) for t in ops.chunk(qkv, 3, axis=1)]
 
 
-class Softmax(nn.Cell):
-    """Softmax over the last axis, computed in float32, with its gradient's row sums done as a matrix product on CPU.
-
-    The gradient is y * (dy - sum(y * dy)) (the softmax Jacobian); MindSpore's CPU ReduceSum over a last axis of
-    32 to 784 pixels costs several times a product with a column of ones (docs/performance.md). Other devices sum
-    with a reduction: on the Ascend 910A the default precision mode may run a float32 product in float16
-    (docs/ascend.md). The device is the one set when the network is built (`ms_ddpm.runtime.set_runtime`).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.row_sums_by_matmul = ms.get_context("device_target") == "CPU"
-
-    def construct(self, x):
-        return ops.softmax(x.astype(ms.float32), axis=-1).astype(x.dtype)
-
-    def bprop(self, x, out, dout):
-        y, dy = out.astype(ms.float32), dout.astype(ms.float32)
-        if self.row_sums_by_matmul:
-            row_sums = ops.matmul(y * dy, ops.ones((x.shape[-1], 1), ms.float32))
-        else:
-            row_sums = ops.sum(y * dy, dim=-1, keepdim=True)
-        return ((y * (dy - row_sums)).astype(x.dtype),)
-
-
 # Batched matmuls that read their operands transposed (A @ B^T, A^T @ B, A^T @ B^T). MindSpore's CPU kernels take
 # the transposes as flags; `ops.matmul(a.swapaxes(-1, -2), b)` runs explicit Transpose ops forward and backward,
 # which cost more than the products here (docs/performance.md).
@@ -243,7 +218,8 @@ class Upsample(nn.Cell):
 
 
 class UNetLevel(nn.Cell):
-    """One resolution level: two blocks, linear attention, and a resampler (or a 3x3 conv at the last level)."""
+    """One resolution level: two blocks, linear attention (or a `SpatialTransformer` over the context), and a
+    resampler (or a 3x3 conv at the last level)."""
 
     def __init__(self, block1, block2, attn, resample):
         super().__init__()
@@ -251,6 +227,12 @@ class UNetLevel(nn.Cell):
         self.block2 = block2
         self.attn = attn
         self.resample = resample
+        # a Python constant, so graph mode resolves the call's form at compile time
+        self.cross_attention = isinstance(attn, SpatialTransformer)
+
+    def attend(self, x, context):
+        """The level's attention: over its pixels, or also over the context tokens (B, L, context_dim)."""
+        return self.attn(x, context) if self.cross_attention else self.attn(x)
 
 
 class Unet(nn.Cell):
@@ -267,7 +249,14 @@ class Unet(nn.Cell):
         dropout: dropout probability inside each block.
         num_classes: None (unconditional), or the number N of classes of a class-conditional network: a learned
             embedding of N + 1 rows (row N is the null label, the unconditional branch of classifier-free guidance,
-            Ho & Salimans 2021) is added to the time embedding, so the label conditions every block as the time does.
+            Ho & Salimans 2021) is added to the time embedding, so the label conditions every block as the time does;
+            with `context_dim`, the labels enter through cross-attention instead.
+        context_dim: None, or the width of the context tokens (LDM's name): the label becomes `ClassEmbedder`
+            tokens (its N + 1 rows, the null label included) that the SpatialTransformers of
+            `cross_attention_levels` and of the bottleneck attend to. Needs num_classes.
+        cross_attention_levels: indices of the levels (0 .. len(dim_mults) - 1, on the way down and the same level
+            on the way up) whose linear attention becomes a SpatialTransformer (`heads` x `dim_head`, GroupNorm of
+            `resnet_block_groups`, depth 1); needs context_dim.
 
     construct(x, t, cond=None): x (B, channels, H, W) float, t (B,) timesteps, cond (B,) int32 labels in [0, N]
     (class-conditional networks only, and required there) -> (B, out_dim, H, W).
@@ -275,14 +264,17 @@ class Unet(nn.Cell):
 
     # the units `recompute_blocks` recomputes (train.recompute): the residual blocks and the attention blocks
     # (PreNormResidual wraps each linear and full attention)
-    RECOMPUTE_UNITS = (ResnetBlock, ConvNextBlock, PreNormResidual)
+    RECOMPUTE_UNITS = (ResnetBlock, ConvNextBlock, PreNormResidual, SpatialTransformer)
 
     def __init__(self, dim, dim_mults=(1, 2, 4, 8), channels=3, init_dim=None, out_dim=None, block_type="resnet",
-                 resnet_block_groups=4, heads=4, dim_head=32, dropout=0.0, num_classes=None):
+                 resnet_block_groups=4, heads=4, dim_head=32, dropout=0.0, num_classes=None, context_dim=None,
+                 cross_attention_levels=()):
         super().__init__()
         check_choice("block_type", block_type, BLOCK_TYPES)
         if num_classes is not None:
             num_classes = check_int("num_classes", num_classes, 1)
+        cross_attention_levels = _check_cross_attention(context_dim, cross_attention_levels, num_classes,
+                                                        len(dim_mults))
         self.channels = channels
         init_dim = init_dim or dim
         time_dim = dim * 4
@@ -292,7 +284,10 @@ class Unet(nn.Cell):
                 return ResnetBlock(dim_in, dim_out, time_dim, resnet_block_groups, dropout)
             return ConvNextBlock(dim_in, dim_out, time_dim, dropout=dropout)
 
-        def linear_attention(d):
+        def attention(d, level):
+            if level in cross_attention_levels:
+                return SpatialTransformer(d, heads, dim_head, context_dim, num_groups=resnet_block_groups,
+                                          dropout=dropout)
             return PreNormResidual(d, LinearAttention(d, heads, dim_head))
 
         self.init_conv = conv2d(channels, init_dim, 1)
@@ -302,28 +297,36 @@ class Unet(nn.Cell):
             nn.GELU(approximate=False),
             nn.Dense(time_dim, time_dim),
         )
-        #: rows of the class embedding: the N classes and the null label (None: unconditional)
+        #: rows of the class embedding or of the context encoder's table: the N classes and the null label
+        #: (None: unconditional)
         self.num_class_embeds = None if num_classes is None else num_classes + 1
-        self.class_embedding = None if num_classes is None else class_embedding_table(num_classes + 1, time_dim)
+        through_time = num_classes is not None and context_dim is None
+        self.class_embedding = class_embedding_table(num_classes + 1, time_dim) if through_time else None
+        #: tau(y): labels -> context tokens (None: no cross-attention)
+        self.context_encoder = None if context_dim is None else ClassEmbedder(num_classes, context_dim)
         dims = [init_dim] + [dim * m for m in dim_mults]
         in_out = list(zip(dims[:-1], dims[1:]))
         downs = []
         for i, (dim_in, dim_out) in enumerate(in_out):
             last = i == len(in_out) - 1
             resample = conv2d(dim_in, dim_out, 3) if last else Downsample(dim_in, dim_out)
-            downs.append(UNetLevel(block(dim_in, dim_in), block(dim_in, dim_in), linear_attention(dim_in), resample))
+            downs.append(UNetLevel(block(dim_in, dim_in), block(dim_in, dim_in), attention(dim_in, i), resample))
         # one assignment of a built list: appending to a CellList leaves parameter names unprefixed
         self.downs = nn.CellList(downs)
         mid_dim = dims[-1]
         self.mid_block1 = block(mid_dim, mid_dim)
-        self.mid_attn = PreNormResidual(mid_dim, Attention(mid_dim, heads, dim_head))
+        if context_dim is None:
+            self.mid_attn = PreNormResidual(mid_dim, Attention(mid_dim, heads, dim_head))
+        else:  # LDM's middle block: ResBlock, SpatialTransformer, ResBlock
+            self.mid_attn = SpatialTransformer(mid_dim, heads, dim_head, context_dim, num_groups=resnet_block_groups,
+                                               dropout=dropout)
         self.mid_block2 = block(mid_dim, mid_dim)
         ups = []
         for i, (dim_in, dim_out) in enumerate(reversed(in_out)):
             last = i == len(in_out) - 1
             resample = conv2d(dim_out, dim_in, 3) if last else Upsample(dim_out, dim_in)
             ups.append(UNetLevel(block(dim_out + dim_in, dim_out), block(dim_out + dim_in, dim_out),
-                                 linear_attention(dim_out), resample))
+                                 attention(dim_out, len(in_out) - 1 - i), resample))
         self.ups = nn.CellList(ups)
         self.out_dim = out_dim or channels
         self.final_res_block = block(init_dim * 2, dim)
@@ -339,20 +342,50 @@ class Unet(nn.Cell):
         self.check_image_size(x.shape[-2], x.shape[-1])
         x = self.init_conv(x)
         r = x
-        t = add_class_embedding(self.time_mlp(time), self.class_embedding, cond, "Unet", "num_classes")
+        context = None
+        if self.context_encoder is None:
+            t = add_class_embedding(self.time_mlp(time), self.class_embedding, cond, "Unet", "num_classes")
+        else:
+            if cond is None:
+                raise ValueError("Unet: this network is class-conditional (num_classes, through cross-attention): "
+                                 "pass cond, (B,) int32 class labels")
+            t = self.time_mlp(time)
+            context = self.context_encoder(cond)  # (B, 1, context_dim)
         skips = []
         for level in self.downs:
             x = level.block1(x, t)
             skips.append(x)
-            x = level.attn(level.block2(x, t))
+            x = level.attend(level.block2(x, t), context)
             skips.append(x)
             x = level.resample(x)
-        x = self.mid_block2(self.mid_attn(self.mid_block1(x, t)), t)
+        x = self.mid_block1(x, t)
+        x = self.mid_attn(x) if context is None else self.mid_attn(x, context)
+        x = self.mid_block2(x, t)
         # skips are read from the end by index: list.pop() does not compile in graph mode
         n = len(skips)
         for i, level in enumerate(self.ups):
             x = level.block1(ops.cat((x, skips[n - 1 - 2 * i]), axis=1), t)
             x = level.block2(ops.cat((x, skips[n - 2 - 2 * i]), axis=1), t)
-            x = level.resample(level.attn(x))
+            x = level.resample(level.attend(x, context))
         x = self.final_res_block(ops.cat((x, r), axis=1), t)
         return self.final_conv(x)
+
+
+def _check_cross_attention(context_dim, levels, num_classes, num_levels):
+    """The level indices of `cross_attention_levels` as a tuple, or ValueError naming the fix."""
+    levels = tuple(levels or ())
+    if context_dim is None:
+        if levels:
+            raise ValueError(f"Unet: cross_attention_levels {list(levels)} need context_dim (the context tokens' "
+                             "width, e.g. 32)")
+        return levels
+    check_int("context_dim", context_dim, 1)
+    if num_classes is None:
+        raise ValueError("Unet: context_dim needs num_classes: the context tokens are those of the class labels "
+                         "(ClassEmbedder)")
+    bad = [level for level in levels if isinstance(level, bool) or not isinstance(level, int)
+           or not 0 <= level < num_levels]
+    if bad or len(set(levels)) != len(levels):
+        raise ValueError(f"Unet: cross_attention_levels must be distinct level indices in 0..{num_levels - 1} "
+                         f"(one per dim_mults entry), got {list(levels)}")
+    return levels

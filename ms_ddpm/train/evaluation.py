@@ -1,4 +1,5 @@
-"""FD and KID while training (`train.eval_every`): the trainer's hook that measures the EMA model every so often,
+"""FD and KID while training (`train.eval_every`; for an autoencoder run, the PSNR of its reconstructions of the
+test split: `ReconstructionEvaluation`): the trainer's hook that measures the EMA model every so often,
 logs the numbers, keeps the checkpoint of the lowest FD and plots the run.
 
 Every `eval_every` steps (and at the last step), on rank 0:
@@ -35,6 +36,8 @@ from ..config import ConfigError
 from ..metrics.classifier_training import IDX_DATASETS, cached_classifier
 from ..metrics.evaluate import distances, extract_features, feature_space, pixel_note, real_images, to_8bit_grid
 from ..metrics.frechet import feature_statistics
+from ..metrics.reconstruction import psnr
+from ..models import apply_batched
 from ..pipeline import build_sampler
 from ..utils import check_int
 from ..visualize import save_training_curves
@@ -126,4 +129,26 @@ class TrainingEvaluation:
                   "seconds": time.perf_counter() - start}
         trainer.log(record)
         save_training_curves(run_records(trainer.log_path), trainer.output_dir / "metrics.png")
+        return record
+
+
+class ReconstructionEvaluation:
+    """The evaluation of an autoencoder run (model.name autoencoder_kl): the mean PSNR of the EMA weights'
+    reconstructions D(E[z | x]) of the whole test split, logged as {"event": "eval", "step", "psnr"}.
+
+    Args:
+        images: the test split, (N, C, H, W) in [-1, 1] (the trainer's `test_images()`).
+        batch_size: images per network call (train.eval_batch_size).
+    """
+
+    def __init__(self, images, batch_size):
+        self.images = images
+        self.batch_size = check_int("train.eval_batch_size", batch_size, 1)
+
+    def __call__(self, trainer):
+        start = time.perf_counter()
+        reconstructions = apply_batched(trainer.reconstruction_network(), self.images, self.batch_size)
+        record = {"event": "eval", "step": trainer.step, "psnr": psnr(reconstructions, self.images),
+                  "num": len(self.images), "seconds": time.perf_counter() - start}
+        trainer.log(record)
         return record

@@ -79,7 +79,9 @@ class TrainStep:
 
     Args:
         loss_fn: Cell (x_start, t, noise, cond) -> scalar loss (a `DiffusionLoss`, or an `NCSNLoss` with level
-            indices as t); cond is the network's condition (class labels) or None.
+            indices as t, or an `AutoencoderLoss`); cond is the network's condition (class labels) or None. The
+            noise has x_start's shape, or `loss_fn.noise_shape(x_start.shape)` where the loss defines it (the
+            autoencoder's posterior sample is latent-shaped).
         optimizer: a MindSpore optimizer over the trainable parameters.
         loss_scaler: `amp.DynamicLossScaler` or `amp.StaticLossScaler` (scale 1 for no scaling).
         draws: the `TrainingDraws` of the run (seed, number of timesteps or levels, label dropout).
@@ -107,6 +109,7 @@ class TrainStep:
         self.ema = ema
         self.ema_every = int(ema_every)
         self.weights = optimizer.parameters
+        self.noise_shape = getattr(loss_fn, "noise_shape", None)
         self.accumulated = self.finite_so_far = None
         if self.grad_accumulation > 1:
             self.accumulated = ms.ParameterTuple(
@@ -139,7 +142,8 @@ class TrainStep:
         step, micro = calls // self.grad_accumulation, calls % self.grad_accumulation
         batch = x_start.shape[0]
         first = (self.rank * self.grad_accumulation + micro) * batch  # rank-major, then micro-batch
-        t, noise, cond = self.draws(step, first, x_start.shape, labels)
+        shape = x_start.shape if self.noise_shape is None else self.noise_shape(x_start.shape)
+        t, noise, cond = self.draws(step, first, shape, labels)
         ops.assign_add(self.micro_batches, ms.Tensor(1, ms.int32))
         (_, loss), grads = self.grad_fn(x_start, t, noise, cond)
         finite = amp.all_finite(grads)  # at once: on Ascend it reads (and clears) the flag these gradients set

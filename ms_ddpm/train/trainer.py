@@ -4,6 +4,17 @@ Two processes (`diffusion.process`): "ddpm" trains the network on a `GaussianDif
 (Ho et al. 2020); "ncsn" trains a noise-conditional score network with `NCSNLoss` on L geometric noise levels (Song &
 Ermon 2019), the network's "timestep" input being the level index, and samples it with annealed Langevin dynamics.
 
+First stage (`model.name: autoencoder_kl`): the trainer trains the latent-diffusion autoencoder instead of a
+denoising network, with `AutoencoderLoss` (reconstruction + `autoencoder.kl_weight` x KL; the eps of its posterior
+sample drawn in the step like a diffusion's noise, so resume stays exact), the same compiled step, EMA and
+checkpoints; its grids are reconstructions of test images, and with `train.eval_every` the test split's PSNR is
+logged (`evaluation.ReconstructionEvaluation`).
+
+Latent diffusion (`latent.autoencoder`): the trainer loads the autoencoder, encodes the training split once into a
+latent cache (`ms_ddpm.latent`; the posterior means), resolves `latent.scaling_factor: auto` to 1 / std of those
+latents and stores it and the autoencoder's arguments in the run's config; the denoising network trains on batches of
+the cache and the autoencoder's weights go into every checkpoint, so sampling decodes from the checkpoint alone.
+
 Class conditioning: a class-conditional model (`model.kwargs.num_classes` for the U-Net) trains on the data's labels,
 whose class names go into the run's config (`data.class_names`) and so into every checkpoint; with
 `diffusion.cond_drop_prob` > 0 a label is replaced by the null label with that probability (classifier-free guidance,
@@ -42,10 +53,12 @@ from mindspore.train.amp import AMP_WHITE_LIST
 from tqdm.auto import tqdm
 
 from ..checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
-from ..config import Config, ConfigError
+from ..config import AutoencoderConfig, Config, ConfigError, DiffusionConfig
 from ..data import create_dataset
-from ..losses import DiffusionLoss, NCSNLoss
-from ..models import create_model, recompute_blocks
+from ..latent import FirstStage, auto_scaling_factor, diffusion_shape, encode_split, load_autoencoder
+from ..losses import AutoencoderLoss, DiffusionLoss, NCSNLoss
+from ..metrics.evaluate import real_images
+from ..models import AutoencoderKL, apply_batched, create_model, recompute_blocks
 from ..pipeline import DiffusionPipeline, build_sampler, check_class_rows, check_image_size
 from ..processes import create_process
 from ..runtime import set_runtime
@@ -53,7 +66,7 @@ from ..utils import check_choice
 from ..visualize import save_image_grid
 from .distributed import download_once
 from .ema import EMA
-from .evaluation import TrainingEvaluation
+from .evaluation import ReconstructionEvaluation, TrainingEvaluation
 from .lr_schedule import warmup_cosine_lr
 from .randomness import TrainingDraws, counters_per_sample
 from .step import DataParallelReduce, TrainStep
@@ -205,12 +218,17 @@ class Trainer:
             raise ConfigError("train.steps, train.batch_size and train.grad_accumulation must be >= 1")
         self.output_dir = Path(t.output_dir)
         ms.set_seed(t.seed)
-        self.process = create_process(cfg.diffusion)
         self.model = create_model(cfg.model.name, **cfg.model.kwargs)
+        #: whether this run trains the latent-diffusion autoencoder (not a denoising network)
+        self.first_stage_run = isinstance(self.model, AutoencoderKL)
+        self._check_sections()
         self.conditional = self.model.num_class_embeds is not None
         if self.conditional:
             self._take_class_names()
         check_class_rows(self.model, cfg)
+        #: the latent run's decoder and its cache of training latents (None in pixel space)
+        self.first_stage, self.latents = self._encode_latents() if cfg.latent.autoencoder else (None, None)
+        self.process = create_process(cfg.diffusion, latent=self.first_stage is not None)
         check_image_size(self.model, cfg)
         # the null label is the row after the classes (Unet(num_classes=N): row N); used only with label dropout
         self.null_label = len(cfg.data.class_names) if self.conditional else None
@@ -219,7 +237,10 @@ class Trainer:
         if t.amp_level != "O0":
             self.model = mixed_precision(self.model, t.amp_level, getattr(ms, t.amp_dtype))
         d = cfg.diffusion
-        if d.process == "ncsn":
+        if self.first_stage_run:
+            self.loss_fn = AutoencoderLoss(self.model, cfg.autoencoder.loss_type, cfg.autoencoder.kl_weight)
+            self.num_labels = 1  # no timesteps: the step's t is drawn and unused
+        elif d.process == "ncsn":
             self.loss_fn = NCSNLoss(self.model, self.process.sigmas)
             self.num_labels = self.process.num_timesteps  # level indices i, uniform as the expectation over i of Eq. 6
         else:
@@ -227,12 +248,9 @@ class Trainer:
                                          d.p2_k, d.min_snr_gamma)
             self.num_labels = self.process.num_timesteps  # timesteps t, uniform as in Algorithm 1 of Ho et al.
         # built now, so a sampler that does not fit the process or a bad step count fails before training
-        try:
-            self.grid_sampler = build_sampler(cfg, self.process, t.sampler)
-            self.grid_sampler.set_timesteps(t.sample_steps)
-        except ValueError as err:  # ConfigError included
-            raise ConfigError(f"train.sampler={t.sampler!r}, train.sample_steps={t.sample_steps!r}: {err}") from None
+        self.grid_sampler = None if self.first_stage_run else self._grid_sampler()
         self.grid_pipeline = None  # the sampling network, built at the first grid and reused for every later one
+        self.eval_network = None  # the autoencoder's copy for reconstructions (EMA weights), built at first use
         self.lr_values = warmup_cosine_lr(t.lr, t.steps, t.warmup_steps, t.min_lr, t.lr_schedule)
         self.optimizer = build_optimizer(t, self.model.trainable_params(), self.lr_values)
         reduce = DataParallelReduce(self.optimizer.parameters, group_size) if group_size > 1 else None
@@ -240,7 +258,9 @@ class Trainer:
             download_once(cfg.data.name, cfg.data.root, rank)
         self.ema = EMA(self.model, t.ema_decay, t.ema_warmup) if t.ema_decay > 0 else None
         global_batch = t.batch_size * t.grad_accumulation * group_size
-        shape = (t.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+        shape = (t.batch_size,) + diffusion_shape(cfg)
+        if self.first_stage_run:  # the noise is the eps of the posterior sample
+            shape = self.model.latent_shape(shape)
         if global_batch * counters_per_sample(shape) > 2**32:
             raise ConfigError(f"a global batch of {global_batch} images of {shape[1:]} needs more than 2^32 random "
                               "counters per step: lower train.batch_size or train.grad_accumulation")
@@ -253,8 +273,74 @@ class Trainer:
                                  t.grad_accumulation, reduce, rank, self.ema, t.ema_every, jit=t.mode == "graph")
         self.step = 0
         self.log_path = self.output_dir / "train_log.jsonl"
-        # FD / KID every eval_every steps, on rank 0 (the test split's features computed here, once)
-        self.evaluation = TrainingEvaluation(cfg, self.process) if t.eval_every and rank == 0 else None
+        # FD / KID (the autoencoder: PSNR) every eval_every steps, on rank 0 (the test split read here, once)
+        self._test_split = None  # the autoencoder run's test images, read at first use
+        self.evaluation = None
+        if t.eval_every and rank == 0:
+            self.evaluation = (ReconstructionEvaluation(self.test_images(), t.eval_batch_size) if self.first_stage_run
+                               else TrainingEvaluation(cfg, self.process))
+
+    def _grid_sampler(self):
+        t = self.cfg.train
+        try:
+            sampler = build_sampler(self.cfg, self.process, t.sampler)
+            sampler.set_timesteps(t.sample_steps)
+        except ValueError as err:  # ConfigError included
+            raise ConfigError(f"train.sampler={t.sampler!r}, train.sample_steps={t.sample_steps!r}: {err}") from None
+        return sampler
+
+    def _check_sections(self):
+        """Refuse settings that would do nothing: an autoencoder run's diffusion or latent settings, a denoising
+        run's autoencoder settings, and a latent run's random flips (flipped latents are not the latents of
+        flipped images)."""
+        cfg = self.cfg
+        if self.first_stage_run:
+            unused = [f"diffusion.{k}" for k, v in vars(cfg.diffusion).items() if v != getattr(DiffusionConfig(), k)]
+            unused += ["latent.autoencoder"] if cfg.latent.autoencoder else []
+            if unused:
+                raise ConfigError(f"{', '.join(unused)}: model.name autoencoder_kl trains the autoencoder, not a "
+                                  "diffusion; drop them")
+        elif cfg.autoencoder != AutoencoderConfig():
+            raise ConfigError("the autoencoder section sets the loss of model.name autoencoder_kl runs; drop it for "
+                              f"model.name {cfg.model.name!r} (latent diffusion takes a trained one: latent.autoencoder)")
+        lat = cfg.latent
+        if lat.autoencoder is None and (lat.autoencoder_kwargs is not None or lat.scaling_factor != "auto"):
+            raise ConfigError("latent.scaling_factor and latent.autoencoder_kwargs belong to a latent run: set "
+                              "latent.autoencoder (the autoencoder's checkpoint) or drop them")
+        if cfg.latent.autoencoder and cfg.data.random_flip:
+            raise ConfigError("data.random_flip with latent.autoencoder: the latent cache is encoded once, unflipped; "
+                              "set data.random_flip: false")
+
+    def _encode_latents(self):
+        """Load latent.autoencoder, check it fits the data and the network, encode the training split once, resolve
+        scaling_factor auto; fills latent.autoencoder_kwargs and latent.scaling_factor in the config. Returns
+        (FirstStage, LatentCache)."""
+        cfg, lat = self.cfg, self.cfg.latent
+        autoencoder, kwargs = load_autoencoder(lat.autoencoder)
+        if lat.autoencoder_kwargs is not None and lat.autoencoder_kwargs != kwargs:
+            raise ConfigError(f"latent.autoencoder_kwargs {lat.autoencoder_kwargs} differ from those of "
+                              f"{lat.autoencoder}, {kwargs}: drop latent.autoencoder_kwargs (the trainer fills it in)")
+        if kwargs.get("in_channels", 3) != cfg.data.channels:
+            raise ConfigError(f"latent.autoencoder {lat.autoencoder} takes {kwargs.get('in_channels', 3)}-channel "
+                              f"images, data.channels is {cfg.data.channels}")
+        try:
+            autoencoder.check_image_size(cfg.data.image_size, cfg.data.image_size)
+        except ValueError as err:
+            raise ConfigError(f"data.image_size={cfg.data.image_size}: {err}") from None
+        network_channels = getattr(self.model, "channels", None)
+        if network_channels != autoencoder.latent_channels:
+            raise ConfigError(f"latent.autoencoder {lat.autoencoder} has {autoencoder.latent_channels} latent "
+                              f"channels, the network takes {network_channels}: set model.kwargs.channels: "
+                              f"{autoencoder.latent_channels}")
+        lat.autoencoder_kwargs = kwargs
+        cache = encode_split(autoencoder, cfg.data, "train", labels=self.conditional)
+        if lat.scaling_factor == "auto":
+            lat.scaling_factor = auto_scaling_factor(cache.latents)
+        if self.rank == 0:
+            print(f"latent cache: {cache.latents.shape[0]} latents of {cache.latents.shape[1:]}, std "
+                  f"{cache.latents.std():.4f} (posterior std {cache.posterior_std:.4f}), scaling_factor "
+                  f"{lat.scaling_factor:.6g}", flush=True)
+        return FirstStage(autoencoder, lat.scaling_factor), cache
 
     def _take_class_names(self):
         """Put the data's class names (label order) into the config, which the checkpoints store; a config that
@@ -279,6 +365,8 @@ class Trainer:
         params = list(self.model.get_parameters()) + self.step_fn.state_parameters()
         if self.ema is not None:
             params += list(self.ema.ema_weights) + [self.ema.num_updates]
+        if self.first_stage is not None:  # "autoencoder.*": sampling decodes from the checkpoint alone
+            params += list(self.first_stage.get_parameters())
         return params
 
     def save(self):
@@ -311,6 +399,9 @@ class Trainer:
         labels = dict(labels=True) if self.conditional else {}
 
         def epoch_pipeline(epoch):
+            if self.latents is not None:  # the cache: no encoder runs here
+                return self.latents.dataset(t.batch_size, self.cfg.latent.scaling_factor, seed=t.seed + epoch,
+                                            **shards)
             return create_dataset(c.name, c.root, "train", c.image_size, c.channels, t.batch_size, shuffle=True,
                                   random_flip=c.random_flip, download=c.download, seed=t.seed + epoch,
                                   num_parallel_workers=c.num_parallel_workers, **shards, **labels)
@@ -348,19 +439,43 @@ class Trainer:
         """
         if self.grid_pipeline is None:
             self.grid_pipeline = DiffusionPipeline(create_model(self.cfg.model.name, **self.cfg.model.kwargs),
-                                                   self.process, self.cfg)
-        net = self.grid_pipeline.network
+                                                   self.process, self.cfg, self.first_stage)
+        self.copy_weights_to(self.grid_pipeline.network)
+        return self.grid_pipeline
+
+    def copy_weights_to(self, net):
+        """Copy the EMA weights (or the raw weights without EMA) into `net`, a network built like the model."""
         if self.ema is not None:
             self.ema.copy_to(net)
         else:
             for src, dst in zip(self.model.trainable_params(), net.trainable_params()):
                 dst.set_data(src.value().copy())
-        return self.grid_pipeline
+
+    def test_images(self):
+        """The test split (N, C, H, W) in [-1, 1], read once: the autoencoder run's grids and PSNR."""
+        if self._test_split is None:
+            self._test_split = real_images(self.cfg, None, "test", self.cfg.train.eval_batch_size)
+        return self._test_split
+
+    def reconstruction_network(self):
+        """The autoencoder run's copy of the autoencoder (built once, inference mode) with the EMA weights."""
+        if self.eval_network is None:
+            self.eval_network = create_model(self.cfg.model.name, **self.cfg.model.kwargs)
+            self.eval_network.set_train(False)
+        self.copy_weights_to(self.eval_network)
+        return self.eval_network
 
     def sample_grid(self, path):
         """A grid of samples from the EMA weights (or the raw weights without EMA), one row per class for a
-        class-conditional model (plain conditional sampling, guidance scale 1)."""
+        class-conditional model (plain conditional sampling, guidance scale 1); for the autoencoder, rows of test
+        images alternating with their reconstructions."""
         t = self.cfg.train
+        if self.first_stage_run:
+            images = self.test_images()[:t.num_samples]
+            reconstructions = apply_batched(self.reconstruction_network(), images, t.eval_batch_size)
+            rows = [row for s in range(0, len(images), 8) for row in (images[s:s + 8], reconstructions[s:s + 8])]
+            save_image_grid(np.concatenate(rows), path, nrow=min(8, len(images)))
+            return
         samples, labels = self.sampling_pipeline()(t.num_samples, sampler=self.grid_sampler, seed=t.seed,
                                                    batch_size=t.num_samples, progress=False)
         save_image_grid(samples, path, labels=labels)
