@@ -1,12 +1,13 @@
 import mindspore as ms
 import pytest
 
-# The longest modules first (measured, seconds of one worker on 2 idle cores): the suite runs on two workers, which
-# take whole modules in collection order (setup.cfg: --dist loadfile --no-loadscope-reorder), and a long module
-# handed out last would keep one worker busy while the other idles.
-LONGEST_FIRST = ["test_trainer.py", "test_tutorials.py", "test_readme_commands.py", "test_preemption.py",
-                 "test_distributed.py", "test_conditional.py", "test_kernels.py", "test_evaluate.py",
-                 "test_ncsn_training.py", "test_unet.py", "test_train_evaluation.py", "test_pipeline.py"]
+# The longest modules first (by their measured durations): the suite runs on two workers, which take whole modules
+# in collection order (setup.cfg: --dist loadfile --no-loadscope-reorder), and a long module handed out last would
+# keep one worker busy while the other idles.
+LONGEST_FIRST = ["test_tutorials.py", "test_readme_commands.py", "test_trainer.py", "test_latent.py",
+                 "test_score_samplers.py", "test_unet.py", "test_distributed.py", "test_kernels.py",
+                 "test_preemption.py", "test_conditional.py", "test_ncsn_training.py", "test_evaluate.py",
+                 "test_ode_likelihood.py", "test_unet_torch_equivalence.py", "test_pipeline.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -109,7 +109,11 @@ def run_notebook(path, cwd, kernel_dir, monkeypatch, **env_vars):
     return nb
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+# 08 trains an autoencoder and a latent model (about a minute on 2 idle cores): with -m slow, for the suite's time
+RUNS = [pytest.param(p, marks=pytest.mark.slow) if p.name.startswith("08_") else p for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", RUNS, ids=lambda p: p.stem)
 def test_notebook_runs_with_small_settings(path, kernel_dir, monkeypatch):
     nb = run_notebook(path, TUTORIALS, kernel_dir, monkeypatch)
     text = outputs_text(nb)
