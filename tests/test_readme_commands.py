@@ -533,6 +533,10 @@ def test_command_as_shown(cmd, runner):
 @pytest.mark.parametrize("cmd", [c for i, c in enumerate(FULL) if long_run(c) is not None  # each command once
                                  and all(c.argv != d.argv for d in FULL[:i])], ids=lambda c: c.where)
 def test_long_command_as_shown(cmd, runner):
+    if "--config" in cmd.argv:
+        data = Config.load(REPO / cmd.argv[cmd.argv.index("--config") + 1]).data
+        if data.download and not (REPO / data.root).is_dir():
+            pytest.skip(f"`{cmd}` downloads {data.name} into {data.root}; the tests run offline")
     argv = long_argv(cmd, runner)
     needs = [] if program_of(cmd).name in LAUNCHERS else runner.needs(cmd)
     _, result = runner.run(cmd, argv, needs, timeout=3600)
