@@ -109,7 +109,7 @@ def run_notebook(path, cwd, kernel_dir, monkeypatch, **env_vars):
     return nb
 
 
-# 08 trains an autoencoder and a latent model (about a minute on 2 idle cores): with -m slow, for the suite's time
+# 08 trains an autoencoder and a latent model (165 s on 2 shared cores): with -m slow, for the suite's time
 RUNS = [pytest.param(p, marks=pytest.mark.slow) if p.name.startswith("08_") else p for p in NOTEBOOKS]
 
 

@@ -245,7 +245,7 @@ def test_guidance_through_cross_attention():
     np.testing.assert_allclose(guided, uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow  # 100 compiled steps and sampling: about half a minute on 2 idle cores
+@pytest.mark.slow  # 100 compiled steps and sampling: 62 s on 2 shared cores
 def test_cross_attention_unet_learns_the_class():
     """Two classes of 8x8 images (bright top half / bright bottom half), the label only through cross-attention:
     after 100 Adam steps (graph mode, x0 objective, a schedule that ends in noise) the x0 loss at large t with the
