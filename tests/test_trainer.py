@@ -309,11 +309,14 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
 
 def test_no_host_read_back_between_logging_steps(tmp_path, monkeypatch):
     """Graph mode, 6 steps logged every 3rd: after the first step (compilation), every read of a tensor's value
-    (asnumpy, float(), int(), bool(), item(), tolist()) happens at step 3 or 6, none at steps 2, 4 and 5."""
+    (asnumpy, float(), int(), bool(), item(), tolist()) happens at step 3 or 6, none at steps 2, 4 and 5; each step
+    waits for its own dispatch (wait_pipeline, which reads nothing), so no queue of steps builds up."""
     ms.set_context(mode=ms.GRAPH_MODE)
     trainer = Trainer(tiny_config(tmp_path, steps=6, log_every=3, save_every=0))
     trainer.train(until=1)
-    reads = []
+    reads, waits = [], []
+    wait = ms.Tensor.wait_pipeline
+    monkeypatch.setattr(ms.Tensor, "wait_pipeline", lambda self: (waits.append(trainer.step), wait(self))[1])
     for name in ("asnumpy", "_item", "tolist"):
         original = getattr(ms.Tensor, name)
 
@@ -324,6 +327,7 @@ def test_no_host_read_back_between_logging_steps(tmp_path, monkeypatch):
         monkeypatch.setattr(ms.Tensor, name, counted)
     trainer.train()
     assert trainer.step == 6 and reads and set(reads) <= {3, 6}, reads
+    assert waits == [1, 2, 3, 4, 5], waits  # trainer.step counts the step after its call returns
     assert [r["step"] for r in read_log(tmp_path)] == [3, 6]
 
 

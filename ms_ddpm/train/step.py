@@ -178,7 +178,12 @@ class TrainStep:
         return loss, finite, norm
 
     def __call__(self, x_start, labels=None, update=True):
-        return self._step(x_start, labels, update)
+        out = self._step(x_start, labels, update)
+        # Wait until this step is dispatched (not for its values: nothing is read back). MindSpore 2.8 otherwise
+        # queues the calls of a loop that reads nothing back in its launch pipeline, and on CPU a queue of steps
+        # runs at half speed (docs/performance.md, "Queued steps").
+        out[0].wait_pipeline()
+        return out
 
     def state_parameters(self):
         """Parameters that must be checkpointed besides the model's: optimizer moments and step, scaler state.
