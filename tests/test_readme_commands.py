@@ -217,6 +217,13 @@ class Source:
     brought: bool = False  # the reader brings it (a bare file name no command makes)
 
 
+def in_checkout(path):
+    """Whether `path` is in a fresh checkout: it exists here and git does not ignore it (a run's outputs/ of this
+    working tree are not copied into the sandboxes)."""
+    ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, capture_output=True).returncode == 0
+    return (REPO / path).exists() and not ignored
+
+
 def sources(cmd, prog, train_cfg=None):
     """Sources of the files cmd reads (the program itself aside); a file nothing provides fails the test."""
     out, made_by, ckpt_dirs = [], {}, config_output_dirs()
@@ -230,7 +237,7 @@ def sources(cmd, prog, train_cfg=None):
         needed.append(os.path.normpath(train_cfg.latent.autoencoder))
     for path in needed:
         run_dir = path if path in ckpt_dirs else os.path.dirname(path)
-        if (REPO / path).exists():
+        if in_checkout(path):
             continue
         if path in made_by and made_by[path] != cmd:
             out.append(Source(path, maker=made_by[path]))
