@@ -203,8 +203,8 @@ def phase_ms_train(args, mode):
     losses = []
 
     def steps(n):
-        # as Trainer.train: t and noise drawn inside the step, the loss read back once (the trainer reads it at
-        # logging steps), which waits for the steps queued before
+        # as Trainer.train: t and noise drawn inside the step, each step waiting for its dispatch (TrainStep), the
+        # loss read back once (the trainer reads it at logging steps)
         for _ in range(n):
             loss, _, _ = trainer.step_fn(images)
         losses.append(float(loss.asnumpy()))

@@ -315,8 +315,13 @@ def test_no_host_read_back_between_logging_steps(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path, steps=6, log_every=3, save_every=0))
     trainer.train(until=1)
     reads, waits = [], []
-    wait = ms.Tensor.wait_pipeline
-    monkeypatch.setattr(ms.Tensor, "wait_pipeline", lambda self: (waits.append(trainer.step), wait(self))[1])
+    original_wait = ms.Tensor.wait_pipeline
+
+    def counted_wait(self):
+        waits.append(trainer.step)
+        return original_wait(self)
+
+    monkeypatch.setattr(ms.Tensor, "wait_pipeline", counted_wait)
     for name in ("asnumpy", "_item", "tolist"):
         original = getattr(ms.Tensor, name)
 
