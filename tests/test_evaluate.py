@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ms_ddpm.cli import main as cli_main
+from ms_ddpm.metrics.evaluate import confident_share
 from ms_ddpm.metrics.features import MNISTClassifier, load_feature_extractor, save_feature_extractor
 from ms_ddpm.checkpoint import CheckpointError
 from tests.helpers import MNIST5K
@@ -70,7 +71,7 @@ def test_evaluate_prints_finite_numbers_and_the_floor_is_below_the_model(run, ca
                              "--mode", "graph", "--json", out_json)  # the bound's 100 calls: 0.5 s each op by op
     assert code == 0, err
     lines = {line.split(":", 1)[0]: line for line in out.splitlines()}
-    assert set(lines) == {"FD", "KID", "bits/dim", "samples/s", "machine", "command"}, out
+    assert set(lines) == {"FD", "KID", "confident", "bits/dim", "samples/s", "machine", "command"}, out
     assert "--ckpt" in lines["command"] and "--bpd-batches 1" in lines["command"]
     result = json.loads(out_json.read_text())
     assert result["features"] == "mnist_classifier" and result["feature_dim"] == 16 and result["weights"] == "ema"
@@ -78,7 +79,7 @@ def test_evaluate_prints_finite_numbers_and_the_floor_is_below_the_model(run, ca
     assert result["network_evaluations_per_sample"] == 3 and result["checkpoint_step"] == 2
     for key in ("fd", "bits_per_dim", "samples_per_s", "sampling_s", "warmup_s"):
         assert math.isfinite(result[key]) and result[key] > 0, key
-    assert math.isfinite(result["kid"])
+    assert math.isfinite(result["kid"]) and 0 <= result["confident"] <= 1
     # the bound of an almost untrained model: far above a good model's ~1 bit/dim, below the 8 bits of raw storage
     # plus the prior term's slack
     assert 1.0 < result["bits_per_dim"] < 20.0
@@ -91,6 +92,21 @@ def test_evaluate_prints_finite_numbers_and_the_floor_is_below_the_model(run, ca
     assert floor["real_floor"] and "samples/s" not in out and "bits/dim" not in out
     assert 0 < floor["fd"] < result["fd"], (floor["fd"], result["fd"])
     assert floor["kid"] < result["kid"]
+
+
+def test_confident_share_counts_softmax_maxima_above_the_threshold():
+    """Known probabilities through the logits the classifier would return: 0.95 and 0.91 count, 0.89, 0.5 and a
+    three-way tie do not."""
+    probabilities = np.array([[0.95, 0.05, 0.0], [0.09, 0.91, 0.0], [0.89, 0.11, 0.0], [0.5, 0.25, 0.25],
+                              [1 / 3, 1 / 3, 1 / 3]])
+    logits = np.log(probabilities + 1e-12) + 7.0  # a shift changes no softmax
+
+    def classifier(x):
+        return ms.Tensor(logits[np.round(x.asnumpy()[:, 0, 0, 0]).astype(int)])
+
+    images = np.arange(5, dtype=np.float32).reshape(5, 1, 1, 1)  # image i -> row i of the logits
+    assert confident_share(images, classifier, batch_size=2) == pytest.approx(2 / 5)
+    assert confident_share(images, classifier, batch_size=5, threshold=0.4) == pytest.approx(4 / 5)
 
 
 def test_pixel_space_is_announced_and_both_modes_agree(run, capsys):
