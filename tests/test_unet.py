@@ -19,8 +19,8 @@ CONFIGS = [
     (dict(dim=8, dim_mults=(1, 2), channels=1, heads=2, dim_head=8), (2, 1, 8, 8)),
     (dict(dim=8, dim_mults=(1, 2, 4), channels=3, heads=1, dim_head=8, dropout=0.1), (2, 3, 12, 16)),
     (dict(dim=8, dim_mults=(1, 2), channels=1, block_type="convnext", heads=2, dim_head=4), (1, 1, 10, 6)),
-    (dict(dim=6, dim_mults=(1, 2), channels=3, init_dim=4, out_dim=6, resnet_block_groups=2, heads=1, dim_head=4),
-     (2, 3, 8, 8)),
+    (dict(dim=6, dim_mults=(1, 2), channels=3, init_dim=4, out_dim=6, resnet_block_groups=2, heads=1, dim_head=4,
+          attention_levels=(1,)), (2, 3, 8, 8)),
 ]
 
 
@@ -61,6 +61,16 @@ def test_bad_constructor_arguments_name_the_choices():
         Unet(dim=6, dim_mults=(1,), channels=1, resnet_block_groups=4)
     with pytest.raises(ValueError, match=r"block_type must be one of \['resnet', 'convnext'\]"):
         Unet(dim=8, block_type="transformer")
+    with pytest.raises(ValueError, match=r"attention_levels must be distinct level indices in 0..1 .*got \[2\]"):
+        Unet(dim=8, dim_mults=(1, 2), attention_levels=[2])
+    with pytest.raises(ValueError, match=r"cross_attention_levels \[0\] must be among attention_levels \[1\]"):
+        Unet(dim=8, dim_mults=(1, 2), num_classes=2, context_dim=8, attention_levels=[1], cross_attention_levels=[0])
+
+
+def test_levels_outside_attention_levels_have_no_attention():
+    names = {p.name.split(".attn.")[0] for p in Unet(dim=8, dim_mults=(1, 2, 2), channels=1, heads=1, dim_head=4,
+                                                        attention_levels=[1, 2]).get_parameters() if ".attn." in p.name}
+    assert names == {"downs.1", "downs.2", "ups.0", "ups.1"}  # level 0: downs.0 and (on the way up) ups.2
 
 
 def test_tiny_unet_overfits_four_images():

@@ -18,8 +18,8 @@ CONFIGS = [
     # (constructor arguments, input shape (B, C, H, W)); every input is non-square
     (dict(dim=8, dim_mults=(1, 2), channels=1, heads=2, dim_head=8), (2, 1, 8, 12)),
     (dict(dim=8, dim_mults=(1, 2), channels=3, block_type="convnext", heads=2, dim_head=4), (2, 3, 12, 8)),
-    (dict(dim=6, dim_mults=(1, 2), channels=3, init_dim=4, out_dim=6, resnet_block_groups=2, heads=1, dim_head=4),
-     (1, 3, 4, 8)),
+    (dict(dim=6, dim_mults=(1, 2), channels=3, init_dim=4, out_dim=6, resnet_block_groups=2, heads=1, dim_head=4,
+          attention_levels=(1,)), (1, 3, 4, 8)),
 ]
 
 
@@ -54,7 +54,8 @@ def inputs(shape, seed=1):
 
 
 @pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
-@pytest.mark.parametrize("kwargs,shape", CONFIGS, ids=["resnet-1ch", "convnext-3ch", "resnet-init_dim-out_dim"])
+@pytest.mark.parametrize("kwargs,shape", CONFIGS, ids=["resnet-1ch", "convnext-3ch",
+                                                            "resnet-init_dim-out_dim-attention_levels"])
 def test_same_weights_give_same_output(kwargs, shape, mode):
     ms.set_context(mode=mode)
     reference = random_torch_unet(kwargs)

@@ -210,7 +210,7 @@ class Unet(nn.Module):
     """The annotated-diffusion U-Net; constructor arguments and forward(x, t) as `ms_ddpm.models.unet.Unet`."""
 
     def __init__(self, dim, dim_mults=(1, 2, 4, 8), channels=3, init_dim=None, out_dim=None, block_type="resnet",
-                 resnet_block_groups=4, heads=4, dim_head=32, dropout=0.0):
+                 resnet_block_groups=4, heads=4, dim_head=32, dropout=0.0, attention_levels=None):
         super().__init__()
         if block_type not in BLOCK_TYPES:
             raise ValueError(f"block_type must be one of {list(BLOCK_TYPES)}, got {block_type!r}")
@@ -223,8 +223,10 @@ class Unet(nn.Module):
                 return ResnetBlock(dim_in, dim_out, time_dim, resnet_block_groups, dropout)
             return ConvNextBlock(dim_in, dim_out, time_dim, dropout=dropout)
 
-        def linear_attention(d):
-            return PreNormResidual(d, LinearAttention(d, heads, dim_head))
+        def linear_attention(d, level):
+            if attention_levels is None or level in attention_levels:
+                return PreNormResidual(d, LinearAttention(d, heads, dim_head))
+            return nn.Identity()
 
         self.init_conv = nn.Conv2d(channels, init_dim, 1)
         self.time_mlp = nn.Sequential(
@@ -236,8 +238,8 @@ class Unet(nn.Module):
         for i, (dim_in, dim_out) in enumerate(in_out):
             last = i == len(in_out) - 1
             resample = nn.Conv2d(dim_in, dim_out, 3, padding=1) if last else Downsample(dim_in, dim_out)
-            self.downs.append(UNetLevel(block(dim_in, dim_in), block(dim_in, dim_in), linear_attention(dim_in),
-                                        resample))
+            self.downs.append(UNetLevel(block(dim_in, dim_in), block(dim_in, dim_in),
+                                        linear_attention(dim_in, i), resample))
         mid_dim = dims[-1]
         self.mid_block1 = block(mid_dim, mid_dim)
         self.mid_attn = PreNormResidual(mid_dim, Attention(mid_dim, heads, dim_head))
@@ -247,7 +249,7 @@ class Unet(nn.Module):
             last = i == len(in_out) - 1
             resample = nn.Conv2d(dim_out, dim_in, 3, padding=1) if last else Upsample(dim_out, dim_in)
             self.ups.append(UNetLevel(block(dim_out + dim_in, dim_out), block(dim_out + dim_in, dim_out),
-                                      linear_attention(dim_out), resample))
+                                      linear_attention(dim_out, len(in_out) - 1 - i), resample))
         self.out_dim = out_dim or channels
         self.final_res_block = block(init_dim * 2, dim)
         self.final_conv = nn.Conv2d(dim, self.out_dim, 1)

@@ -254,9 +254,12 @@ class Unet(nn.Cell):
         context_dim: None, or the width of the context tokens (LDM's name): the label becomes `ClassEmbedder`
             tokens (its N + 1 rows, the null label included) that the SpatialTransformers of
             `cross_attention_levels` and of the bottleneck attend to. Needs num_classes.
-        cross_attention_levels: indices of the levels (0 .. len(dim_mults) - 1, on the way down and the same level
-            on the way up) whose linear attention becomes a SpatialTransformer (`heads` x `dim_head`, GroupNorm of
-            `resnet_block_groups`, depth 1); needs context_dim.
+        attention_levels: indices of the levels (0 .. len(dim_mults) - 1, on the way down and the same level on
+            the way up) that attend; None: every level, as the annotated U-Net. The others have no attention (the
+            DDPM paper's CIFAR-10 U-Net attends at 16x16 only, Ho et al. 2020, Appendix B); the bottleneck always
+            attends.
+        cross_attention_levels: indices of attending levels whose linear attention becomes a SpatialTransformer
+            (`heads` x `dim_head`, GroupNorm of `resnet_block_groups`, depth 1); needs context_dim.
 
     construct(x, t, cond=None): x (B, channels, H, W) float, t (B,) timesteps, cond (B,) int32 labels in [0, N]
     (class-conditional networks only, and required there) -> (B, out_dim, H, W).
@@ -268,13 +271,18 @@ class Unet(nn.Cell):
 
     def __init__(self, dim, dim_mults=(1, 2, 4, 8), channels=3, init_dim=None, out_dim=None, block_type="resnet",
                  resnet_block_groups=4, heads=4, dim_head=32, dropout=0.0, num_classes=None, context_dim=None,
-                 cross_attention_levels=()):
+                 attention_levels=None, cross_attention_levels=()):
         super().__init__()
         check_choice("block_type", block_type, BLOCK_TYPES)
         if num_classes is not None:
             num_classes = check_int("num_classes", num_classes, 1)
         cross_attention_levels = _check_cross_attention(context_dim, cross_attention_levels, num_classes,
                                                         len(dim_mults))
+        attention_levels = (tuple(range(len(dim_mults))) if attention_levels is None
+                            else _check_levels("attention_levels", attention_levels, len(dim_mults)))
+        if not set(cross_attention_levels) <= set(attention_levels):
+            raise ValueError(f"Unet: cross_attention_levels {list(cross_attention_levels)} must be among "
+                             f"attention_levels {list(attention_levels)} (the levels that attend)")
         self.channels = channels
         init_dim = init_dim or dim
         time_dim = dim * 4
@@ -288,7 +296,9 @@ class Unet(nn.Cell):
             if level in cross_attention_levels:
                 return SpatialTransformer(d, heads, dim_head, context_dim, num_groups=resnet_block_groups,
                                           dropout=dropout)
-            return PreNormResidual(d, LinearAttention(d, heads, dim_head))
+            if level in attention_levels:
+                return PreNormResidual(d, LinearAttention(d, heads, dim_head))
+            return nn.Identity()
 
         self.init_conv = conv2d(channels, init_dim, 1)
         self.time_mlp = nn.SequentialCell(
@@ -383,9 +393,15 @@ def _check_cross_attention(context_dim, levels, num_classes, num_levels):
     if num_classes is None:
         raise ValueError("Unet: context_dim needs num_classes: the context tokens are those of the class labels "
                          "(ClassEmbedder)")
+    return _check_levels("cross_attention_levels", levels, num_levels)
+
+
+def _check_levels(name, levels, num_levels):
+    """`levels` as a tuple of distinct level indices in 0 .. num_levels - 1, or ValueError naming the fix."""
+    levels = tuple(levels)
     bad = [level for level in levels if isinstance(level, bool) or not isinstance(level, int)
            or not 0 <= level < num_levels]
     if bad or len(set(levels)) != len(levels):
-        raise ValueError(f"Unet: cross_attention_levels must be distinct level indices in 0..{num_levels - 1} "
+        raise ValueError(f"Unet: {name} must be distinct level indices in 0..{num_levels - 1} "
                          f"(one per dim_mults entry), got {list(levels)}")
     return levels
