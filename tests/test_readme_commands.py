@@ -9,11 +9,11 @@ The default run (test_command_as_shown), for every command shown:
   launcher runs for real with msrun, or train.py, stood in, and the `ms-ddpm train` arguments it passes on are
   parsed in turn), a training command's config loads with its overrides as written, and every file it reads
   exists or is made by a command shown;
-- then it runs as written, with only size overrides appended (SIZE, tiny_train_overrides), in a copy of the
-  repository's layout (../shared beside it), and must exit with status 0. A file another command makes (the
+- then it runs as written, with only size overrides and PyNative mode appended (SIZE, tiny_train_overrides), in a
+  copy of the repository's layout (../shared beside it), and must exit with status 0. A file another command makes (the
   classifier) comes from running that command first; a checkpoint `<train.output_dir>/ckpt_<step>.ckpt`, or the run
   folder a `--resume` continues, from training that config with size overrides: each config is trained once (a
-  graph compile costs tens of seconds), so other training commands of a config run with -m slow;
+  run costs ten seconds or more), so other training commands of a config run with -m slow;
 - or it is skipped, saying why: it needs the network (pip, wget) or files only such a command makes, is the test
   suite itself, needs Ascend devices, files the reader brings, or is long.
 With `-m slow` (test_long_command_as_shown): the CPU training commands without overrides (the quick start) and the
@@ -51,9 +51,10 @@ FILE_SUFFIXES = (".ckpt", ".yaml", ".yml", ".json", ".pth", ".pt", ".bin", ".saf
 OFFLINE = {"pip": "installs the project, which needs the package index (CI runs it: .ci/run)",
            "wget": "downloads published weights; the tests run offline"}
 LAUNCHERS = ("scripts/run_distributed.sh", "scripts/run_distributed_ascend.sh")
-# appended to a command in the default run; `ms-ddpm train` gets tiny_train_overrides
-SIZE = {"ms-ddpm sample": ["--num", "4", "--batch-size", "4", "--steps", "2"],
-        "ms-ddpm evaluate": ["--num", "8", "--batch-size", "8", "--steps", "2"],
+# appended to a command in the default run; `ms-ddpm train` gets tiny_train_overrides. PyNative: a graph compile
+# costs tens of seconds, two steps a fraction of one (graph mode is what the rest of the suite compiles)
+SIZE = {"ms-ddpm sample": ["--num", "4", "--batch-size", "4", "--steps", "2", "--mode", "pynative"],
+        "ms-ddpm evaluate": ["--num", "8", "--batch-size", "8", "--steps", "2", "--mode", "pynative"],
         "scripts/train_classifier.py": ["--epochs", "1", "--train-images", "64"]}
 # too long for the default run even with size overrides: run with -m slow, with these appended
 LONG = {"scripts/benchmark.py": ["--repeats", "1", "--warmup", "1", "--steps-per-repeat", "1", "--ddpm-steps", "2",
@@ -265,13 +266,15 @@ def before_separator(args, extra):
 
 
 def tiny_train_overrides(cfg):
-    """A 2-step run of the config's data with a small U-Net: what the commands after it need, in seconds."""
+    """A 2-step run of the config's data with a small U-Net, op by op (as SIZE): what the commands after it need,
+    in seconds."""
     sets = ["train.steps=2", "train.warmup_steps=0", "train.batch_size=4", "train.log_every=1", "train.save_every=2",
-            "train.sample_every=2", "train.num_samples=4", "train.sample_steps=2"]
+            "train.sample_every=2", "train.num_samples=4", "train.sample_steps=2", "train.mode=pynative"]
     if cfg.model.name == "unet":
         tiny = dict(cfg.model.kwargs, dim=8, dim_mults=[1], heads=1, dim_head=8)  # one level: a shorter compile
-        if "cross_attention_levels" in tiny:
-            tiny["cross_attention_levels"] = [0]  # the one level left
+        for levels in ("attention_levels", "cross_attention_levels"):
+            if levels in tiny:
+                tiny[levels] = [0]  # the one level left
         sets.append("model.kwargs=" + yaml.safe_dump(tiny, default_flow_style=True).strip())
     elif cfg.model.name == "autoencoder_kl":  # narrow, with the config's levels (its latents' size) and channels
         levels = len(cfg.model.kwargs["block_out_channels"])
