@@ -1,7 +1,7 @@
 """FD and samples/s of one checkpoint under every diffusion sampler at several step counts, and for a
 class-conditional checkpoint FD and class accuracy over classifier-free guidance scales: the README's tables.
 
-    python scripts/sampler_table.py --ckpt outputs/mnist5k/ckpt_00001300.ckpt \
+    python scripts/sampler_table.py --ckpt outputs/mnist5k/ckpt_00000800.ckpt \
         --features outputs/classifier.ckpt --num 500 --json outputs/sampler_table.json
     python scripts/sampler_table.py --ckpt outputs/mnist5k_cond/ckpt_00001300.ckpt \
         --features outputs/classifier.ckpt --num 1000 --runs ddim=50 dpm_solver=20 \

@@ -28,8 +28,8 @@ def test_overrides_reach_model_kwargs_and_keep_the_other_entries():
     (["trian.lr=1"], "override 'trian.lr=1': unknown config section 'trian'"),
     (["train.lr"], "override 'train.lr' must look like section.key=value"),
     (["train.steps=[1"], "override 'train.steps=[1': the value is not valid YAML"),
-    # the quick start warms up for 100 steps: refused rather than clamped (README, "Warmup")
-    (["train.steps=50"], "train.warmup_steps (100) > train.steps (50): the linear warmup must end within the run; "
+    # the quick start warms up for 60 steps: refused rather than clamped (README, "Warmup")
+    (["train.steps=50"], "train.warmup_steps (60) > train.steps (50): the linear warmup must end within the run; "
                          "set train.warmup_steps <= 50 (e.g. --set train.warmup_steps=5) or raise train.steps"),
     (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0, got -1"),
 ])
