@@ -218,8 +218,8 @@ class Upsample(nn.Cell):
 
 
 class UNetLevel(nn.Cell):
-    """One resolution level: two blocks, linear attention (or a `SpatialTransformer` over the context), and a
-    resampler (or a 3x3 conv at the last level)."""
+    """One resolution level: two blocks, linear attention (or a `SpatialTransformer` over the context, or none:
+    `Unet`'s attention_levels), and a resampler (or a 3x3 conv at the last level)."""
 
     def __init__(self, block1, block2, attn, resample):
         super().__init__()
