@@ -28,6 +28,15 @@ def test_set_runtime_binds_the_rank_tables_device(monkeypatch):
     assert calls == [(("GPU",), {"device_id": 5})]
 
 
+@pytest.mark.parametrize("device, blocking", [("CPU", True), ("GPU", False)])
+def test_ops_run_synchronously_on_cpu_only(monkeypatch, device, blocking):
+    calls = []
+    monkeypatch.setattr(ms, "set_device", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ms.runtime, "launch_blocking", lambda: calls.append("launch_blocking"))
+    runtime.set_runtime(train_cfg(device=device, mode="pynative"))
+    assert calls == (["launch_blocking"] if blocking else [])
+
+
 @pytest.mark.parametrize("soc, amp_level, amp_dtype, refused", [
     ("ascend910", "O2", "bfloat16", True),  # 910A: no bfloat16 kernels
     ("ascend910", "O2", "float16", False),

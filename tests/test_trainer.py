@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -287,26 +286,6 @@ def test_recompute_leaves_losses_and_gradients_unchanged(name, kwargs):
 
 
 # --- whole runs -------------------------------------------------------------------------------------------------
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
-    """Resumed from the step-4 checkpoint, 4 steps == steps 5-8 of the uninterrupted run (losses and weights to
-    1e-6), graph mode. (That a run stopped by `until` or a signal writes such a checkpoint: tests/test_preemption.py.)"""
-    full = Trainer(tiny_config(tmp_path / "full"))
-    full.train()
-    (tmp_path / "split").mkdir()  # the run as if stopped after step 4
-    shutil.copy(tmp_path / "full" / "ckpt_00000004.ckpt", tmp_path / "split")
-    second = Trainer(tiny_config(tmp_path / "split"))
-    assert second.resume().name == "ckpt_00000004.ckpt" and second.step == 4
-    second.train()
-    full_losses = [r["loss"] for r in read_log(tmp_path / "full")]
-    split_losses = [r["loss"] for r in read_log(tmp_path / "split")]
-    np.testing.assert_allclose(split_losses, full_losses[4:], rtol=1e-6)
-    for name, value in weights(full.model).items():
-        np.testing.assert_allclose(weights(second.model)[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
-    for a, b in zip(full.ema.ema_weights, second.ema.ema_weights):
-        np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-6, atol=1e-7)
-    assert [p.name for p in list_checkpoints(tmp_path / "full")] == ["ckpt_00000004.ckpt", "ckpt_00000008.ckpt"]
-
-
 def test_no_host_read_back_between_logging_steps(tmp_path, monkeypatch):
     """Graph mode, 6 steps logged every 3rd: after the first step (compilation), every read of a tensor's value
     (asnumpy, float(), int(), bool(), item(), tolist()) happens at step 3 or 6, none at steps 2, 4 and 5; each step

@@ -109,8 +109,9 @@ def run_notebook(path, cwd, kernel_dir, monkeypatch, **env_vars):
     return nb
 
 
-# With -m slow, for the suite's time: 07 trains a conditional model and a classifier (161 s on 2 shared cores; the
-# conditional tests and README commands cover the same code), 08 an autoencoder and a latent model (165 s)
+# With -m slow, for the suite's time: 07 trains a conditional model and a classifier (83 s on 2 cores shared with
+# another job; the conditional tests and README commands cover the same code), 08 an autoencoder and a latent model
+# (63 s)
 SLOW_RUNS = ("07_", "08_")
 RUNS = [pytest.param(p, marks=pytest.mark.slow) if p.name.startswith(SLOW_RUNS) else p for p in NOTEBOOKS]
 

@@ -74,16 +74,18 @@ def test_levels_outside_attention_levels_have_no_attention():
 
 
 def test_tiny_unet_overfits_four_images():
-    """Loss on a fixed set of (t, noise) draws falls below half its start within 150 Adam steps."""
+    """Loss on a fixed set of (t, noise) draws falls below half its start within 100 Adam steps (measured: 0.27 of
+    it, 0.37 after 25 steps). One level: the shapes of deeper U-Nets are tested above, and the compile is most of
+    the test's time."""
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_seed(0)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:8, :8]
     images = np.stack([np.sin(xx * (k + 1) / 3.0) * np.cos(yy * (k + 2) / 4.0) for k in range(4)])
     x0 = ms.Tensor(images[:, None].astype(np.float32))
-    net = Unet(dim=8, dim_mults=(1, 2), channels=1, heads=2, dim_head=8)
+    net = Unet(dim=8, dim_mults=(1,), channels=1, heads=2, dim_head=8)
     n_params = sum(p.size for p in net.trainable_params())
-    assert n_params < 60_000
+    assert n_params < 20_000
     loss = DiffusionLoss(net, GaussianDiffusion(get_beta_schedule("linear", 100)), loss_type="l2")
     eval_t = ms.Tensor(rng.integers(0, 100, (8, 4)).astype(np.int32))
     eval_noise = ms.Tensor(rng.standard_normal((8, 4, 1, 8, 8), dtype=np.float32))
@@ -93,7 +95,7 @@ def test_tiny_unet_overfits_four_images():
 
     step = nn.TrainOneStepCell(loss, nn.Adam(net.trainable_params(), learning_rate=3e-3))
     start = held_out_loss()
-    for _ in range(150):
+    for _ in range(100):
         t = ms.Tensor(rng.integers(0, 100, 4).astype(np.int32))
         step(x0, t, ms.Tensor(rng.standard_normal((4, 1, 8, 8), dtype=np.float32)))
     end = held_out_loss()
