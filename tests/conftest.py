@@ -3,7 +3,7 @@ import pytest
 
 # PyNative ops run synchronously in the test processes: on two cores shared by two workers, the hand-offs of
 # MindSpore's asynchronous op pipeline between its threads cost more than the overlap saves (the same kernels run,
-# so the numbers are the same).
+# so the numbers are the same; docs/performance.md, step 7). `runtime.set_runtime` does the same for CPU runs.
 ms.runtime.launch_blocking()
 
 # The longest modules first (by their measured durations): the suite runs on two workers, which take whole modules
