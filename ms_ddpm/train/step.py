@@ -1,14 +1,15 @@
 """The training step: loss, gradients, loss scaling, overflow skip, clipping, optimizer update.
 
-This is MindSpore 2.x's documented mixed-precision pattern (value_and_grad + jit + loss scaler + all_finite): a step
-whose gradients are not all finite changes no weight, and the dynamic scaler lowers its scale; after
+This is MindSpore 2.x's documented mixed-precision pattern (value_and_grad + jit + loss scaler + a finite check): a
+step whose gradients are not all finite changes no weight, and the dynamic scaler lowers its scale; after
 `scale_window` good steps in a row it raises it again (Micikevicius et al. 2018, "Mixed Precision Training", Sec. 3.2).
 
 Two Ascend hazards shape it. On Atlas training devices (910A, and 910B in saturation mode) `amp.all_finite` reads
 and clears the device's overflow flag instead of checking values, so each micro-batch's gradients are checked when
 they are made and the results kept (ANDed) across the micro-steps of an update; a check at the update alone would
 miss an overflow of an earlier micro-batch. And gradients are all-reduced once per update, after accumulation,
-not on every micro-step.
+not on every micro-step. Elsewhere `all_finite` checks values, two kernels per gradient tensor; with one
+micro-batch per update the step reads finiteness off the gradient norm it computes anyway.
 
 Every per-parameter operation (norm, clipping, accumulation) maps over the gradient tuple with `HyperMap`: a
 Python loop over the ~170 gradients of even a tiny U-Net unrolls into the graph before compilation and tripled the
@@ -25,16 +26,22 @@ from mindspore import amp, nn, ops
 _map = ops.HyperMap()
 
 
+def _float32(x):
+    # a Cast to the dtype a tensor already has still runs a kernel in the compiled graph
+    return x if x.dtype == ms.float32 else x.astype(ms.float32)
+
+
 def _square_sum(g):
-    return ops.reduce_sum(ops.square(g.astype(ms.float32)))
+    return ops.reduce_sum(ops.square(_float32(g)))
 
 
 def _scale(coef, g):
-    return g * coef.astype(g.dtype)
+    # in float32: coef folds 1 / loss scale into the clipping factor and can be below float16's normal range
+    return g * coef if g.dtype == ms.float32 else (g.astype(ms.float32) * coef).astype(g.dtype)
 
 
 def _accumulate(acc, g):
-    return ops.assign_add(acc, g.astype(ms.float32))
+    return ops.assign_add(acc, _float32(g))
 
 
 def _divide(count, acc):
@@ -109,6 +116,9 @@ class TrainStep:
         self.ema = ema
         self.ema_every = int(ema_every)
         self.weights = optimizer.parameters
+        # all_finite reads the device's overflow flag on Ascend (910A, 910B in saturation mode), where overflowed
+        # values may saturate instead of becoming inf; elsewhere it checks values, as the gradient norm does
+        self.overflow_flag = ms.get_context("device_target") == "Ascend"
         self.noise_shape = getattr(loss_fn, "noise_shape", None)
         self.accumulated = self.finite_so_far = None
         if self.grad_accumulation > 1:
@@ -146,7 +156,12 @@ class TrainStep:
         t, noise, cond = self.draws(step, first, shape, labels)
         ops.assign_add(self.micro_batches, ms.Tensor(1, ms.int32))
         (_, loss), grads = self.grad_fn(x_start, t, noise, cond)
-        finite = amp.all_finite(grads)  # at once: on Ascend it reads (and clears) the flag these gradients set
+        if self.overflow_flag or self.grad_accumulation > 1:
+            # at once: on Ascend all_finite reads (and clears) the flag these gradients set, and with accumulation
+            # each micro-batch reports its own
+            finite = amp.all_finite(grads)
+        else:
+            finite = ms.Tensor(True)  # checked below, from the gradient norm
         if self.grad_accumulation > 1:
             finite = ops.logical_and(self.finite_so_far, finite)
             _map(_accumulate, self.accumulated, grads)  # still scaled; unscaled once, at the update
@@ -158,16 +173,21 @@ class TrainStep:
             ops.assign(self.finite_so_far, ms.Tensor(True))
         if self.reduce is not None:
             grads, finite = self.reduce(grads, finite)
-        grads = self.loss_scaler.unscale(grads)
-        # the values themselves too: where all_finite reads a flag, reduction and unscaling may have overflowed
-        finite = ops.logical_and(finite, amp.all_finite(grads))
-        norm = global_norm(grads)
+        if self.overflow_flag:  # where all_finite reads a flag, the reduction may have overflowed
+            finite = ops.logical_and(finite, amp.all_finite(grads))
+        # The norm of the unscaled gradients and, from it, whether they are all finite: unscaling commutes with the
+        # norm (exactly, for the dynamic scaler's powers of two), and a non-finite gradient makes the norm
+        # non-finite (as does a squared scaled gradient beyond float32's range, |g| x scale > 1.8e19: the dynamic
+        # scaler then halves and retries, as for any overflow). The unscaling then rides on the clipping's product.
+        # On CPU this saves two finite checks and a product, five kernels per gradient tensor (docs/performance.md).
+        unscale = ops.reciprocal(self.loss_scaler.scale_value)
+        norm = global_norm(grads) * unscale
+        finite = ops.logical_and(finite, ops.isfinite(norm))
         if finite:
             if self.grad_clip > 0:
                 # PyTorch's clip_grad_norm_ rule, reusing the norm computed for the log
-                coef = ops.minimum(self.grad_clip / (norm + 1e-6), 1.0)
-                grads = _map(ops.partial(_scale, coef), grads)
-            self.optimizer(grads)
+                unscale = unscale * ops.minimum(self.grad_clip / (norm + 1e-6), 1.0)
+            self.optimizer(_map(ops.partial(_scale, unscale), grads))
         self.loss_scaler.adjust(finite)
         good = ops.logical_and(finite, ops.isfinite(loss))
         ops.assign(self.nonfinite_steps, ops.select(good, ms.Tensor(0, ms.int32), self.nonfinite_steps + 1))
