@@ -7,6 +7,7 @@ They read the digits the package carries (MS_DDPM_DATA unset). Their files go to
 ignores. The kernel is this interpreter (sys.executable), declared in a kernelspec in a temporary
 folder, so nothing is installed into the user's Jupyter setup.
 """
+import inspect
 import json
 import os
 import shutil
@@ -54,6 +55,34 @@ def test_committed_notebook_has_no_outputs(path):
         if cell.cell_type == "code":
             assert cell.outputs == [], f"{path.name}, cell {i}: outputs are committed; clear them"
             assert cell.execution_count is None, f"{path.name}, cell {i}: execution_count is not null"
+
+
+# the notebooks whose full settings are the quick start's (03 trains it; 04 and 05 repeat its cell)
+QUICK_START_NOTEBOOKS = ["03_training.ipynb", "04_sampling.ipynb", "05_score_sde_samplers.ipynb"]
+
+
+@pytest.mark.parametrize("name", QUICK_START_NOTEBOOKS)
+def test_full_settings_are_the_quick_start_config(name):
+    """The notebooks say their full settings are configs/unet_mnist5k_cpu.yaml: the model, the diffusion and the
+    training recipe must not drift from it (the output folder, log interval and explicit defaults may differ)."""
+    from ms_ddpm import Unet
+    from ms_ddpm.config import Config
+
+    nb = nbformat.read(TUTORIALS / name, as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "code" and "cfg = Config.from_dict(" in c.source)
+    scope = {"Config": Config, "SMALL": False, "DATA_ROOT": None, "print": lambda *a: None}
+    exec(cell, scope)
+    full = scope["cfg"].to_dict()
+    quick = Config.load(TUTORIALS.parent / "configs" / "unet_mnist5k_cpu.yaml").to_dict()
+    # the same network: constructor arguments with the U-Net's defaults filled in
+    defaults = {k: p.default for k, p in inspect.signature(Unet).parameters.items() if p.default is not p.empty}
+    assert full["model"]["name"] == quick["model"]["name"] == "unet"
+    assert {**defaults, **full["model"]["kwargs"]} == {**defaults, **quick["model"]["kwargs"]}
+    assert full["diffusion"] == quick["diffusion"]
+    assert full["data"] == quick["data"]
+    recipe = ("batch_size", "steps", "lr", "min_lr", "warmup_steps", "ema_decay", "ema_warmup", "optimizer",
+              "grad_clip", "seed", "sampler", "sample_steps", "num_samples", "sample_every", "save_every")
+    assert {k: full["train"][k] for k in recipe} == {k: quick["train"][k] for k in recipe}
 
 
 @pytest.fixture(scope="module", autouse=True)
