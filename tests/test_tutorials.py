@@ -80,9 +80,9 @@ def test_full_settings_are_the_quick_start_config(name):
     assert {**defaults, **full["model"]["kwargs"]} == {**defaults, **quick["model"]["kwargs"]}
     assert full["diffusion"] == quick["diffusion"]
     assert full["data"] == quick["data"]
-    recipe = ("batch_size", "steps", "lr", "min_lr", "warmup_steps", "ema_decay", "ema_warmup", "optimizer",
-              "grad_clip", "seed", "sampler", "sample_steps", "num_samples", "sample_every", "save_every")
-    assert {k: full["train"][k] for k in recipe} == {k: quick["train"][k] for k in recipe}
+    where = ("output_dir", "log_every")  # where the run writes and how often it logs are the notebook's own
+    assert ({k: v for k, v in full["train"].items() if k not in where}
+            == {k: v for k, v in quick["train"].items() if k not in where})
 
 
 @pytest.fixture(scope="module", autouse=True)
