@@ -4,15 +4,16 @@
 
 What one run measures (each phase in its own subprocess, so that its peak RSS is its own):
   - training img/s with the library's real step (`Trainer(cfg).step_fn`: value_and_grad, loss scaler, clipping,
-    the config's optimizer and loss), compiled (GRAPH_MODE, jit) and op by op (PYNATIVE_MODE), on random images of
-    the config's size; host-side draws of t and noise and the per-step loss read-back are included, as in
-    `Trainer.train`; data loading and the EMA update are not;
+    the config's optimizer and loss, and the EMA update inside it when the config has `ema_decay`), compiled
+    (GRAPH_MODE, jit) and op by op (PYNATIVE_MODE), on random images of the config's size; data loading is not
+    included;
   - sampling img/s in GRAPH_MODE (network compiled) for DDPM (`--ddpm-steps`, default T), DDIM-50 and, when the
     library has it, DPM-Solver-20: seconds per sampling step, timed over `--steps-per-repeat` steps of a chain and
     multiplied by the step count (a sampling step costs about the same at every t: one network call plus the update;
     the output says when it extrapolated);
-  - the same U-Net in PyTorch eager (`tests/torch_unet.py`, same shapes, batch, optimizer and loss):
-    training and DDIM-50 sampling img/s, and the ratios MindSpore / PyTorch;
+  - the same U-Net in PyTorch eager (`tests/torch_unet.py`, same shapes, batch, optimizer, loss and EMA, the EMA
+    updated with `torch._foreach_lerp_` as diffusers' `EMAModel(foreach=True)` does): training and DDIM-50 sampling
+    img/s, and the ratios MindSpore / PyTorch;
   - forward FLOPs per image (2 x multiply-accumulates of convolutions, dense layers and attention matmuls;
     norms, activations and softmax not counted), checked against torch's FlopCounterMode when torch is present,
     and the fraction of this machine's float32 matmul throughput (measured in the same run) each row achieves,
@@ -65,11 +66,14 @@ def parse_args(argv=None):
                    help="config overrides, as for ms-ddpm train (e.g. train.recompute=true)")
     p.add_argument("--phases", nargs="+", default=None, choices=sorted(PHASES), metavar="PHASE",
                    help=f"run only these phases (default: all; choices {', '.join(PHASES)})")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the phases this many times, in turn, and report each row's median round: on a shared "
+                        "machine whose speed drifts, MindSpore's and PyTorch's phases then see the same conditions")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase in this process
     p.add_argument("--phase-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("repeats", "warmup", "steps_per_repeat"):
+    for name in ("repeats", "warmup", "steps_per_repeat", "rounds"):
         minimum = 0 if name == "warmup" else 1
         if getattr(args, name) < minimum:
             p.error(f"--{name.replace('_', '-')} must be >= {minimum}")
@@ -284,14 +288,16 @@ def phase_ms_train_loop(args):
 
 
 def kernels_used():
-    """Which GroupNorm the models run: ms_ddpm's CPU kernels (MS_DDPM_KERNELS=0 turns them off) or MindSpore's."""
+    """Which ops the models and the training step run: ms_ddpm's CPU kernels (MS_DDPM_KERNELS=0 turns them off) or
+    MindSpore's."""
     from ms_ddpm.kernels import cpu_library
 
     library = cpu_library()
     if library is None:
         return "MindSpore's native ops only"
     return (f"ms_ddpm CPU kernels ({library.path.name}): GroupNorm"
-            + (", convolutions" if library.convolutions else "; MindSpore's convolutions"))
+            + (", convolutions" if library.convolutions else "; MindSpore's convolutions")
+            + "; the step's norm, clipping, Adam and EMA over all weights at once; its draws of t and noise")
 
 
 def count_flops_mindspore(cfg):
@@ -466,7 +472,7 @@ def diffusion_tables(cfg, torch):
 
 
 def phase_torch_train(args):
-    """The PyTorch U-Net trained eagerly with the config's optimizer, loss and gradient clipping."""
+    """The PyTorch U-Net trained eagerly with the config's optimizer, loss, gradient clipping and EMA."""
     diffusion_loss = load_torch_unet().diffusion_loss
 
     cfg, torch, model = torch_setup(args)
@@ -483,8 +489,12 @@ def phase_torch_train(args):
     images = torch.from_numpy(rng.uniform(-1, 1, shape).astype(np.float32))
     T = d.num_timesteps
     losses = []
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params] if t_cfg.ema_decay > 0 else None
+    ema_updates = 0
 
     def step():
+        nonlocal ema_updates
         t = torch.from_numpy(rng.integers(0, T, shape[0]))
         noise = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
         loss = diffusion_loss(model, images, t, noise, sqrt_ab, sqrt_1m_ab, cfg.diffusion.objective,
@@ -494,6 +504,12 @@ def phase_torch_train(args):
         if t_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
         opt.step()
+        if ema is not None:  # the decay rule of train/ema.py, one fused update over all weights
+            n = ema_updates
+            decay = min(t_cfg.ema_decay, (1 + n) / (10 + n)) if t_cfg.ema_warmup else t_cfg.ema_decay
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, params, 1 - decay)
+            ema_updates += 1
         losses.append(loss.item())
 
     progress(f"PyTorch training, eager, batch {shape[0]}")
@@ -639,6 +655,17 @@ def run_phase_subprocess(argv, phase, workdir):
     return data, None
 
 
+def median_round(runs):
+    """The run of a row whose img/s is the median of the rounds' (the lower middle one for an even count), with
+    every round's img/s beside it."""
+    if len(runs) == 1 or any("img_per_s" not in run for run in runs):
+        return runs[0]
+    ordered = sorted(runs, key=lambda run: run["img_per_s"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row["round_img_per_s"] = [run["img_per_s"] for run in runs]
+    return row
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -678,23 +705,29 @@ def main(argv=None):
         phases += ["torch_train", "torch_sample"]
     if args.phases:
         phases = [p for p in phases if p in args.phases]
-    rows, extra, failed = {}, {}, False
+    rounds, extra, failed = {}, {}, False  # rounds: row key -> that row from each round
     with tempfile.TemporaryDirectory() as workdir:
-        for i, phase in enumerate(phases, 1):
-            progress(f"phase {i}/{len(phases)}: {phase}")
-            data, error = run_phase_subprocess(argv, phase, workdir)
-            if error:
-                notes.append(error)
-                failed = True
-                continue
-            rows.update(data["rows"])
-            extra.update(data["extra"])
-            extra[phase + "_wall_s"] = round(data["wall_s"], 1)
+        for r in range(args.rounds):
+            for i, phase in enumerate(phases, 1):
+                progress(f"round {r + 1}/{args.rounds}, phase {i}/{len(phases)}: {phase}")
+                data, error = run_phase_subprocess(argv, phase, workdir)
+                if error:
+                    notes.append(error)
+                    failed = True
+                    continue
+                for key, row in data["rows"].items():
+                    rounds.setdefault(key, []).append(row)
+                extra.update(data["extra"])
+                extra[phase + "_wall_s"] = round(data["wall_s"], 1)
+    rows = {key: median_round(runs) for key, runs in rounds.items()}
+    if args.rounds > 1:
+        notes.append(f"{args.rounds} rounds of the phases in turn; each row is its median round by img/s (every "
+                     f"round's img/s in the JSON as round_img_per_s)")
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     settings = {"config": args.config, "batch_size": args.batch_size, "repeats": args.repeats, "warmup": args.warmup,
-                "steps_per_repeat": args.steps_per_repeat, "threads": args.threads, "ddim_steps": DDIM_STEPS,
-                "dpm_solver_steps": DPM_SOLVER_STEPS, "matmul_size": MATMUL_SIZE}
+                "steps_per_repeat": args.steps_per_repeat, "rounds": args.rounds, "threads": args.threads,
+                "ddim_steps": DDIM_STEPS, "dpm_solver_steps": DPM_SOLVER_STEPS, "matmul_size": MATMUL_SIZE}
     report = build_report(settings, command, machine, matmul, rows, extra, notes)
     report["total_wall_s"] = time.perf_counter() - started
     print_report(report)

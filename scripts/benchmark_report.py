@@ -55,7 +55,7 @@ def build_report(settings, command, machine, matmul, rows, extra, notes):
         notes.append("trainer's loop = Trainer.train on the config's data, no checkpoints, grids or evaluations; "
                      "host ms/step = its wall time per step minus the step calls (each synchronized) and the waits "
                      "for data: the loop's own work per step, averaged over logging and other steps")
-    notes.append("PyTorch training: same U-Net, batch, optimizer, loss and gradient clipping, float32, no loss scaler")
+    notes.append("PyTorch training: same U-Net, batch, optimizer, loss, gradient clipping and EMA, float32, no loss scaler")
     notes.append("peak RSS: ru_maxrss of the phase's own process: interpreter, framework, model, compilation, loop "
                  "(the RSS right after imports is in the JSON as rss_after_imports_mib)")
     notes.append("compile s: the first call minus a steady step: graph compilation in GRAPH_MODE (the samplers share "

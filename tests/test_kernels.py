@@ -15,12 +15,16 @@ from mindspore import nn, ops
 from ms_ddpm.processes import GaussianDiffusion
 from ms_ddpm.kernels import build
 from ms_ddpm.kernels.group_norm import GroupNormKernels
+from ms_ddpm.kernels.multi_tensor import MultiTensorKernels, multi_tensor_kernels
+from ms_ddpm.kernels.threefry import ThreefryKernel
 from ms_ddpm.losses import DiffusionLoss
 from ms_ddpm.models import normalization
 from ms_ddpm.models.convolution import Conv2d
 from ms_ddpm.models.unet import Unet, WeightStandardizedConv2d
 from ms_ddpm.schedules import get_beta_schedule
-from ms_ddpm.train.randomness import TrainingDraws
+from ms_ddpm.train.adam import MultiTensorAdam, adam
+from ms_ddpm.train.ema import EMA
+from ms_ddpm.train.randomness import TrainingDraws, threefry2x32
 from ms_ddpm.train.step import TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,33 +188,149 @@ def test_the_kernels_keep_the_dtype_and_propagate_non_finite_values(library):
     assert norm(ms.Tensor(x.astype(np.float16))).dtype == ms.float16
 
 
-def _tiny_training_losses(steps, jit):
+def _tiny_training(steps, jit):
+    """`steps` clipped Adam steps of a tiny U-Net with an EMA (clipped at norm 0.5, so that the clipping binds):
+    (net, TrainStep, losses, gradient norms, {what: values after them} of the weights, moments and EMA)."""
     ms.set_seed(0)
     net = Unet(dim=8, dim_mults=(1,), channels=1, heads=2, dim_head=8)  # one level: one compile less deep
     loss = DiffusionLoss(net, GaussianDiffusion(get_beta_schedule("linear", 100)), loss_type="l2")
-    optimizer = nn.Adam(net.trainable_params(), learning_rate=1e-3)
-    step = TrainStep(loss, optimizer, ms.amp.StaticLossScaler(1.0), TrainingDraws(0, 100), jit=jit)
+    optimizer = adam(net.trainable_params(), ms.Tensor(np.linspace(1e-3, 5e-4, steps, dtype=np.float32)))
+    ema = EMA(net, decay=0.9)
+    step = TrainStep(loss, optimizer, ms.amp.StaticLossScaler(1.0), TrainingDraws(0, 100), grad_clip=0.5, ema=ema,
+                     jit=jit)
     x0 = ms.Tensor(np.random.default_rng(0).uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32))
-    losses = [float(step(x0)[0].asnumpy()) for _ in range(steps)]
-    return net, np.array(losses)
+    out = [step(x0) for _ in range(steps)]
+    losses = np.array([float(loss.asnumpy()) for loss, _, _ in out])
+    norms = np.array([float(norm.asnumpy()) for _, _, norm in out])
+    state = {what: np.concatenate([p.asnumpy().ravel() for p in params]) for what, params in
+             [("weights", optimizer.parameters), ("Adam's first moments", optimizer.moment1),
+              ("Adam's second moments", optimizer.moment2), ("EMA weights", ema.ema_weights)]}
+    return net, step, losses, norms, state
+
+
+def _uses_kernels(net, step):
+    cells = [cell for _, cell in net.cells_and_names() if isinstance(cell, (normalization.GroupNorm, Conv2d))]
+    uses = {cell.kernels is not None for cell in cells} | {step.multi_tensor is not None,
+                                                           step.ema.multi_tensor is not None,
+                                                           isinstance(step.optimizer, MultiTensorAdam)}
+    assert len(uses) == 1, "some parts used the kernels, others not"
+    return uses.pop()
 
 
 @pytest.mark.parametrize("mode", [ms.GRAPH_MODE, pytest.param(ms.PYNATIVE_MODE, marks=pytest.mark.slow)],
                          ids=["graph", "pynative"])
-def test_training_losses_with_and_without_kernels_agree(library, monkeypatch, mode):
-    """20 Adam steps of a tiny U-Net: the same losses to 1e-5 with the kernels and with MindSpore's ops.
-    (PyNative runs some 3,000 ops a step one by one, minutes for 40 steps on 2 cores: marked slow.)"""
+def test_training_with_and_without_kernels_agrees(library, monkeypatch, mode):
+    """20 clipped Adam steps of a tiny U-Net with a learning-rate schedule and an EMA: the same losses, gradient
+    norms, weights, Adam moments and EMA weights to 1e-5 with the kernels (GroupNorm, convolutions, the step's
+    multi-tensor norm, clipping, Adam and EMA) and with MindSpore's ops. (PyNative runs some 3,000 ops a step one
+    by one, minutes for 40 steps on 2 cores: marked slow.)"""
     ms.set_context(mode=mode)
     jit = mode == ms.GRAPH_MODE
-    net, with_kernels = _tiny_training_losses(20, jit)
-    assert all(cell.kernels is not None for _, cell in net.cells_and_names()
-               if isinstance(cell, (normalization.GroupNorm, Conv2d)))
+    net, step, losses, norms, state = _tiny_training(20, jit)
+    assert _uses_kernels(net, step)
     monkeypatch.setattr(build, "_loaded", {"library": None})  # as if the library could not be built
-    net, native = _tiny_training_losses(20, jit)
-    assert all(cell.kernels is None for _, cell in net.cells_and_names()
-               if isinstance(cell, (normalization.GroupNorm, Conv2d)))
-    assert np.ptp(with_kernels) > 0.1  # the weights move
-    np.testing.assert_allclose(with_kernels, native, rtol=1e-5)
+    net, step, native_losses, native_norms, native_state = _tiny_training(20, jit)
+    assert not _uses_kernels(net, step)
+    assert np.ptp(losses) > 0.1  # the weights move
+    assert (native_norms > 0.5).all()  # the clipping binds at every step
+    np.testing.assert_allclose(losses, native_losses, rtol=1e-5)
+    np.testing.assert_allclose(norms, native_norms, rtol=1e-5)
+    for what in state:
+        assert_close(state[what], native_state[what], what)
+
+
+class MultiTensorOps(nn.Cell):
+    """square_sum and scale of a tuple of tensors, then the EMA's lerp of Parameters `a` towards `b` in place, by the
+    kernels or by MindSpore's ops."""
+
+    def __init__(self, kernels, a):
+        super().__init__()
+        self.kernels = kernels
+        self.a = ms.ParameterTuple([ms.Parameter(x.copy(), name=f"a{i}") for i, x in enumerate(a)])
+
+    def construct(self, c, b):
+        if self.kernels is not None:
+            out = (self.kernels.square_sum(*self.a),) + self.kernels.scale(c, *self.a)
+            self.kernels.lerp_(c, *self.a, *b)
+            return out
+        out = (ops.addn([ops.reduce_sum(ops.square(x)) for x in self.a]),) + tuple(x * c for x in self.a)
+        for x, y in zip(self.a, b):
+            ops.assign(x, x + (y - x) * c)
+        return out
+
+
+# weights of the quick start's shapes (a conv kernel, a bias, a dense layer's), sizes not a multiple of 16, and a
+# single tensor
+MULTI_TENSOR_SHAPES = [[(16, 1, 3, 3), (16,), (64, 16), (1,), (5, 7, 3)], [(3,)]]
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
+@pytest.mark.parametrize("shapes", MULTI_TENSOR_SHAPES, ids=["mixed", "one"])
+def test_multi_tensor_kernels_equal_native_ops(library, shapes, mode):
+    """Two calls, so that the second lerp starts from the first's result in the Parameters."""
+    ms.set_context(mode=mode)
+    rng = np.random.default_rng(0)
+    a = [ms.Tensor(rng.standard_normal(s).astype(np.float32)) for s in shapes]
+    b = tuple(ms.Tensor(rng.standard_normal(s).astype(np.float32)) for s in shapes)
+    c = ms.Tensor(np.float32(0.37))
+    kernels, native = MultiTensorOps(MultiTensorKernels(str(library), len(shapes)), a), MultiTensorOps(None, a)
+    for _ in range(2):
+        got, expected = kernels(c, b), native(c, b)
+        assert len(got) == len(expected) == 1 + len(shapes)
+        for i, (x, y) in enumerate(zip(got, expected)):
+            assert x.shape == y.shape, f"output {i}"
+            assert_close(x.asnumpy(), y.asnumpy(), f"output {i}")
+    for i, (x, y) in enumerate(zip(kernels.a, native.a)):
+        assert_close(x.asnumpy(), y.asnumpy(), f"lerp of Parameter {i}")
+    assert not np.allclose(kernels.a[0].asnumpy(), a[0].asnumpy())  # the Parameters moved
+
+
+def test_multi_tensor_kernels_are_for_float32_arrays_only(library):
+    lib = build.Library(library, True)
+    weights = [ms.Parameter(ms.Tensor(np.ones(3, np.float32)), name="w")]
+    assert multi_tensor_kernels(lib, weights) is not None
+    assert multi_tensor_kernels(None, weights) is None
+    assert multi_tensor_kernels(lib, weights + [ms.Parameter(ms.Tensor(np.ones(3, np.float16)), name="h")]) is None
+    assert multi_tensor_kernels(lib, weights + [ms.Parameter(ms.Tensor(np.float32(1)), name="s")]) is None
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
+def test_threefry_kernel_equals_native_ops(library, mode):
+    """Random123's first known answer, then random keys and counters over the whole uint32 range: the same
+    integers, bit for bit."""
+    ms.set_context(mode=mode)
+    kernel = ThreefryKernel(str(library))
+    x0, x1 = kernel(ms.Tensor([0, 0], ms.int64), ms.Tensor(0, ms.int64), ms.Tensor([0], ms.int64))
+    assert (int(x0.asnumpy()[0]), int(x1.asnumpy()[0])) == (0x6B200159, 0x99BA4EFE)
+    rng = np.random.default_rng(0)
+    for shape in [(7, 393), (1,)]:
+        key = tuple(int(k) for k in rng.integers(0, 2**32, 2))
+        c0 = ms.Tensor(int(rng.integers(0, 2**32)), ms.int64)
+        c1 = ms.Tensor(rng.integers(0, 2**32, shape), ms.int64)
+        got = kernel(ms.Tensor(key, ms.int64), c0, c1)
+        expected = threefry2x32(key, c0, c1)
+        for x, y in zip(got, expected):
+            assert x.dtype == ms.int64 and x.shape == shape
+            np.testing.assert_array_equal(x.asnumpy(), y.asnumpy())
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
+def test_training_draws_with_and_without_kernels_agree(library, monkeypatch, mode):
+    """t and dropped labels of a micro-batch identical with the Threefry kernel and with native ops, the noise
+    (Box-Muller of the same integers) to float32 rounding: graph mode compiles the float arithmetic of the two graphs
+    differently (a few elements 1 ulp apart)."""
+    ms.set_context(mode=mode)
+    labels = ms.Tensor(np.arange(6, dtype=np.int32) % 10)
+    args = (ms.Tensor(12, ms.int32), ms.Tensor(6, ms.int32), (6, 3, 5, 5), labels)
+    drawer = TrainingDraws(seed=2**40 + 7, num_labels=1000, drop_prob=0.3, null_label=10)
+    assert drawer.threefry is not None
+    monkeypatch.setattr(build, "_loaded", {"library": None})
+    native = TrainingDraws(seed=2**40 + 7, num_labels=1000, drop_prob=0.3, null_label=10)
+    assert native.threefry is None
+    (t, noise, dropped), (native_t, native_noise, native_dropped) = drawer(*args), native(*args)
+    np.testing.assert_array_equal(t.asnumpy(), native_t.asnumpy())
+    np.testing.assert_array_equal(dropped.asnumpy(), native_dropped.asnumpy())
+    assert_close(noise.asnumpy(), native_noise.asnumpy(), "noise")
 
 
 def test_missing_compiler_falls_back_to_native_ops_with_one_warning(tmp_path, monkeypatch, caplog):

@@ -11,9 +11,11 @@ from mindspore import nn, ops
 from mindspore.ops import CustomRegOp, DataType
 
 
-def _reg_info(n_inputs, n_outputs):
-    """Registration of a float32 CPU kernel with `n_outputs` outputs (MindSpore needs it for several outputs)."""
-    reg = CustomRegOp()
+def _reg_info(n_inputs, n_outputs, op_name="Custom"):
+    """Registration of a float32 CPU kernel with `n_outputs` outputs (MindSpore needs it for several outputs).
+    MindSpore keeps the first registration of a kernel function per `op_name`: a function called with different
+    numbers of inputs needs a name per count."""
+    reg = CustomRegOp(op_name)
     for i in range(n_inputs):
         reg = reg.input(i, f"x{i}")
     for i in range(n_outputs):

@@ -2,6 +2,9 @@
 import mindspore as ms
 from mindspore import nn, ops
 
+from ..kernels import cpu_library
+from ..kernels.multi_tensor import multi_tensor_kernels
+
 _map = ops.HyperMap()
 
 
@@ -31,6 +34,8 @@ class EMA(nn.Cell):
              for p in network.trainable_params()]
         )
         self.num_updates = ms.Parameter(ms.Tensor(0, ms.int32), name="ema.num_updates", requires_grad=False)
+        # on CPU all weights' averages in one kernel, in place (kernels/multi_tensor.py)
+        self.multi_tensor = multi_tensor_kernels(cpu_library(), network.trainable_params())
 
     def current_decay(self):
         if not self.warmup:
@@ -42,8 +47,11 @@ class EMA(nn.Cell):
         """One EMA step towards `weights` (the network's trainable parameters, in order); returns the decay used.
         `TrainStep` calls it inside its compiled step, after the optimizer update."""
         d = self.current_decay()
-        # one HyperMap, not a Python loop: a loop over the parameters unrolls into the compiled step (train/step.py)
-        _map(ops.partial(_average, 1 - d), self.ema_weights, weights)
+        if self.multi_tensor is not None:
+            self.multi_tensor.lerp_(1 - d, *self.ema_weights, *weights)
+        else:
+            # one HyperMap, not a Python loop: a loop over the parameters unrolls into the compiled step (train/step.py)
+            _map(ops.partial(_average, 1 - d), self.ema_weights, weights)
         ops.assign_add(self.num_updates, ms.Tensor(1, ms.int32))
         return d
 

@@ -64,6 +64,7 @@ from ..processes import create_process
 from ..runtime import set_runtime
 from ..utils import check_choice
 from ..visualize import save_image_grid
+from .adam import adam
 from .distributed import download_once
 from .ema import EMA
 from .evaluation import ReconstructionEvaluation, TrainingEvaluation
@@ -186,7 +187,7 @@ def build_optimizer(t, params, lr_values):
     check_choice("train.optimizer", t.optimizer, ("adam", "adamw"))
     lr = ms.Tensor(lr_values)
     if t.optimizer == "adam":
-        return nn.Adam(params, learning_rate=lr)
+        return adam(params, lr)
     return nn.AdamWeightDecay(params, learning_rate=lr, weight_decay=t.weight_decay, eps=1e-8)
 
 
