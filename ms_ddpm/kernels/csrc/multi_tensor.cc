@@ -20,6 +20,15 @@ int64_t numel(int ndim, const int64_t *shape) {
   return n;
 }
 
+// fn(i, size) for the n tensors whose ranks and shapes start at ndims[first], shapes[first], split over the threads
+// by whole tensors.
+template <typename Fn>
+void for_each_tensor(int64_t n, int first, const int *ndims, int64_t *const *shapes, const Fn &fn) {
+  ms_ddpm::ThreadPool::instance().parallel_for(n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(i, numel(ndims[first + i], shapes[first + i]));
+  });
+}
+
 }  // namespace
 
 // SquareSum(g_1, ..., g_n) -> (1,): sum over all tensors of sum(g^2), each tensor summed in double and the tensors'
@@ -28,15 +37,12 @@ extern "C" int MultiTensorSquareSum(int nparam, void **params, int *ndims, int64
                                     void *) {
   const int n = nparam - 1;
   std::vector<double> sums(n, 0.0);
-  ms_ddpm::ThreadPool::instance().parallel_for(n, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float *g = static_cast<const float *>(params[i]);
-      const int64_t size = numel(ndims[i], shapes[i]);
-      double s = 0.0;
+  for_each_tensor(n, 0, ndims, shapes, [&](int64_t i, int64_t size) {
+    const float *g = static_cast<const float *>(params[i]);
+    double s = 0.0;
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < size; ++j) s += static_cast<double>(g[j]) * g[j];
-      sums[i] = s;
-    }
+    for (int64_t j = 0; j < size; ++j) s += static_cast<double>(g[j]) * g[j];
+    sums[i] = s;
   });
   double total = 0.0;
   for (double s : sums) total += s;
@@ -50,14 +56,11 @@ extern "C" int MultiTensorScale(int nparam, void **params, int *ndims, int64_t *
                                 void *) {
   const int n = (nparam - 1) / 2;
   const float c = *static_cast<const float *>(params[0]);
-  ms_ddpm::ThreadPool::instance().parallel_for(n, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float *g = static_cast<const float *>(params[1 + i]);
-      float *out = static_cast<float *>(params[1 + n + i]);
-      const int64_t size = numel(ndims[1 + i], shapes[1 + i]);
+  for_each_tensor(n, 1, ndims, shapes, [&](int64_t i, int64_t size) {
+    const float *g = static_cast<const float *>(params[1 + i]);
+    float *out = static_cast<float *>(params[1 + n + i]);
 #pragma omp simd
-      for (int64_t j = 0; j < size; ++j) out[j] = g[j] * c;
-    }
+    for (int64_t j = 0; j < size; ++j) out[j] = g[j] * c;
   });
   return 0;
 }
@@ -70,14 +73,11 @@ extern "C" int MultiTensorLerpInPlace(int nparam, void **params, int *ndims, int
                                       void *) {
   const int n = (nparam - 2) / 2;
   const float c = *static_cast<const float *>(params[0]);
-  ms_ddpm::ThreadPool::instance().parallel_for(n, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float *a = static_cast<float *>(params[1 + i]);
-      const float *b = static_cast<const float *>(params[1 + n + i]);
-      const int64_t size = numel(ndims[1 + i], shapes[1 + i]);
+  for_each_tensor(n, 1, ndims, shapes, [&](int64_t i, int64_t size) {
+    float *a = static_cast<float *>(params[1 + i]);
+    const float *b = static_cast<const float *>(params[1 + n + i]);
 #pragma omp simd
-      for (int64_t j = 0; j < size; ++j) a[j] += (b[j] - a[j]) * c;
-    }
+    for (int64_t j = 0; j < size; ++j) a[j] += (b[j] - a[j]) * c;
   });
   *static_cast<float *>(params[nparam - 1]) = 0.0f;  // the output MindSpore requires; nothing reads it
   return 0;
@@ -94,19 +94,16 @@ extern "C" int MultiTensorAdamInPlace(int nparam, void **params, int *ndims, int
   const float *h = static_cast<const float *>(params[0]);
   const float beta1 = h[1], beta2 = h[2], eps = h[3];
   const float lr = static_cast<float>(h[0] * std::sqrt(1.0 - h[5]) / (1 - h[4]));
-  ms_ddpm::ThreadPool::instance().parallel_for(n, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float *w = static_cast<float *>(params[1 + i]);
-      float *m = static_cast<float *>(params[1 + n + i]);
-      float *v = static_cast<float *>(params[1 + 2 * n + i]);
-      const float *g = static_cast<const float *>(params[1 + 3 * n + i]);
-      const int64_t size = numel(ndims[1 + i], shapes[1 + i]);
+  for_each_tensor(n, 1, ndims, shapes, [&](int64_t i, int64_t size) {
+    float *w = static_cast<float *>(params[1 + i]);
+    float *m = static_cast<float *>(params[1 + n + i]);
+    float *v = static_cast<float *>(params[1 + 2 * n + i]);
+    const float *g = static_cast<const float *>(params[1 + 3 * n + i]);
 #pragma omp simd
-      for (int64_t j = 0; j < size; ++j) {
-        m[j] += (g[j] - m[j]) * (1 - beta1);
-        v[j] += (g[j] * g[j] - v[j]) * (1 - beta2);
-        w[j] -= lr * m[j] / (std::sqrt(v[j]) + eps);
-      }
+    for (int64_t j = 0; j < size; ++j) {
+      m[j] += (g[j] - m[j]) * (1 - beta1);
+      v[j] += (g[j] * g[j] - v[j]) * (1 - beta2);
+      w[j] -= lr * m[j] / (std::sqrt(v[j]) + eps);
     }
   });
   *static_cast<float *>(params[nparam - 1]) = 0.0f;
