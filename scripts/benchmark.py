@@ -66,14 +66,11 @@ def parse_args(argv=None):
                    help="config overrides, as for ms-ddpm train (e.g. train.recompute=true)")
     p.add_argument("--phases", nargs="+", default=None, choices=sorted(PHASES), metavar="PHASE",
                    help=f"run only these phases (default: all; choices {', '.join(PHASES)})")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run the phases this many times, in turn, and report each row's median round: on a shared "
-                        "machine whose speed drifts, MindSpore's and PyTorch's phases then see the same conditions")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase in this process
     p.add_argument("--phase-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("repeats", "warmup", "steps_per_repeat", "rounds"):
+    for name in ("repeats", "warmup", "steps_per_repeat"):
         minimum = 0 if name == "warmup" else 1
         if getattr(args, name) < minimum:
             p.error(f"--{name.replace('_', '-')} must be >= {minimum}")
@@ -297,7 +294,8 @@ def kernels_used():
         return "MindSpore's native ops only"
     return (f"ms_ddpm CPU kernels ({library.path.name}): GroupNorm"
             + (", convolutions" if library.convolutions else "; MindSpore's convolutions")
-            + "; the step's norm, clipping, Adam and EMA over all weights at once; its draws of t and noise")
+            + "; the step's gradient norm, clipping, EMA and Adam (not AdamW) over all weights at once; its draws of t "
+              "and noise")
 
 
 def count_flops_mindspore(cfg):
@@ -655,17 +653,6 @@ def run_phase_subprocess(argv, phase, workdir):
     return data, None
 
 
-def median_round(runs):
-    """The run of a row whose img/s is the median of the rounds' (the lower middle one for an even count), with
-    every round's img/s beside it."""
-    if len(runs) == 1 or any("img_per_s" not in run for run in runs):
-        return runs[0]
-    ordered = sorted(runs, key=lambda run: run["img_per_s"])
-    row = dict(ordered[(len(ordered) - 1) // 2])
-    row["round_img_per_s"] = [run["img_per_s"] for run in runs]
-    return row
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -705,29 +692,23 @@ def main(argv=None):
         phases += ["torch_train", "torch_sample"]
     if args.phases:
         phases = [p for p in phases if p in args.phases]
-    rounds, extra, failed = {}, {}, False  # rounds: row key -> that row from each round
+    rows, extra, failed = {}, {}, False
     with tempfile.TemporaryDirectory() as workdir:
-        for r in range(args.rounds):
-            for i, phase in enumerate(phases, 1):
-                progress(f"round {r + 1}/{args.rounds}, phase {i}/{len(phases)}: {phase}")
-                data, error = run_phase_subprocess(argv, phase, workdir)
-                if error:
-                    notes.append(error)
-                    failed = True
-                    continue
-                for key, row in data["rows"].items():
-                    rounds.setdefault(key, []).append(row)
-                extra.update(data["extra"])
-                extra[phase + "_wall_s"] = round(data["wall_s"], 1)
-    rows = {key: median_round(runs) for key, runs in rounds.items()}
-    if args.rounds > 1:
-        notes.append(f"{args.rounds} rounds of the phases in turn; each row is its median round by img/s (every "
-                     f"round's img/s in the JSON as round_img_per_s)")
+        for i, phase in enumerate(phases, 1):
+            progress(f"phase {i}/{len(phases)}: {phase}")
+            data, error = run_phase_subprocess(argv, phase, workdir)
+            if error:
+                notes.append(error)
+                failed = True
+                continue
+            rows.update(data["rows"])
+            extra.update(data["extra"])
+            extra[phase + "_wall_s"] = round(data["wall_s"], 1)
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     settings = {"config": args.config, "batch_size": args.batch_size, "repeats": args.repeats, "warmup": args.warmup,
-                "steps_per_repeat": args.steps_per_repeat, "rounds": args.rounds, "threads": args.threads,
-                "ddim_steps": DDIM_STEPS, "dpm_solver_steps": DPM_SOLVER_STEPS, "matmul_size": MATMUL_SIZE}
+                "steps_per_repeat": args.steps_per_repeat, "threads": args.threads, "ddim_steps": DDIM_STEPS,
+                "dpm_solver_steps": DPM_SOLVER_STEPS, "matmul_size": MATMUL_SIZE}
     report = build_report(settings, command, machine, matmul, rows, extra, notes)
     report["total_wall_s"] = time.perf_counter() - started
     print_report(report)
