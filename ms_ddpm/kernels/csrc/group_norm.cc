@@ -18,11 +18,13 @@
 #include <cstring>
 #include <vector>
 
+#include "aot.h"
 #include "parallel.h"
 #include "vector_math.h"
 
 namespace {
 
+using ms_ddpm::numel;
 using ms_ddpm::ThreadPool;
 
 struct Shape {
@@ -39,12 +41,6 @@ bool read_shape(int ndim_x, const int64_t *x, const int64_t *mean, Shape *s) {
   for (int i = 2; i < ndim_x; ++i) s->spatial *= x[i];
   s->groups = mean[1];
   return mean[0] == s->batch && s->groups > 0 && s->channels % s->groups == 0;
-}
-
-int64_t numel(int ndim, const int64_t *shape) {
-  int64_t n = 1;
-  for (int i = 0; i < ndim; ++i) n *= shape[i];
-  return n;
 }
 
 // gamma and beta hold C values, scale and shift (when present) B x C; first is the index of gamma.

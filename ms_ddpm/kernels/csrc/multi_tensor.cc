@@ -10,22 +10,17 @@
 #include <cstdint>
 #include <vector>
 
+#include "aot.h"
 #include "parallel.h"
 
 namespace {
-
-int64_t numel(int ndim, const int64_t *shape) {
-  int64_t n = 1;
-  for (int i = 0; i < ndim; ++i) n *= shape[i];
-  return n;
-}
 
 // fn(i, size) for the n tensors whose ranks and shapes start at ndims[first], shapes[first], split over the threads
 // by whole tensors.
 template <typename Fn>
 void for_each_tensor(int64_t n, int first, const int *ndims, int64_t *const *shapes, const Fn &fn) {
   ms_ddpm::ThreadPool::instance().parallel_for(n, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) fn(i, numel(ndims[first + i], shapes[first + i]));
+    for (int64_t i = begin; i < end; ++i) fn(i, ms_ddpm::numel(ndims[first + i], shapes[first + i]));
   });
 }
 

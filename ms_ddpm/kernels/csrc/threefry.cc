@@ -6,6 +6,7 @@
 // like c1. All int64 holding uint32 values, as the native version keeps them.
 #include <cstdint>
 
+#include "aot.h"
 #include "parallel.h"
 
 namespace {
@@ -24,8 +25,7 @@ extern "C" int Threefry2x32(int nparam, void **params, int *ndims, int64_t **sha
   const int64_t *c1 = static_cast<const int64_t *>(params[2]);
   int64_t *out0 = static_cast<int64_t *>(params[3]);
   int64_t *out1 = static_cast<int64_t *>(params[4]);
-  int64_t size = 1;
-  for (int i = 0; i < ndims[2]; ++i) size *= shapes[2][i];
+  const int64_t size = ms_ddpm::numel(ndims[2], shapes[2]);
   const uint32_t ks[3] = {static_cast<uint32_t>(key[0]), static_cast<uint32_t>(key[1]),
                           static_cast<uint32_t>(key[0]) ^ static_cast<uint32_t>(key[1]) ^ kParity};
   ms_ddpm::ThreadPool::instance().parallel_for(size, [&](int64_t begin, int64_t end) {
