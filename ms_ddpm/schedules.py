@@ -16,6 +16,12 @@ the DDPM paper, the annotated-diffusion tutorial and diffusers. improved-diffusi
 1000 / T so that alpha_bar_T stays as small as at T = 1000; pass `beta_start=0.1 / T, beta_end=20 / T` for that.
 This matters for short chains: with T = 200 and the default ends, alpha_bar_T = 0.13, so x_T still carries a
 third of the signal's amplitude and sampling from pure noise starts off-distribution.
+
+The samplers of Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models") see a
+VP chain through its noise levels sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the std of the noise in
+x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps (their Table 1, VP column): `timestep_sigmas` and `sigma_timesteps`
+convert between the two views as diffusers does (`alpha_bar_at` gives alpha_bar at fractional timesteps), and
+`karras_sigmas` is their step grid (Eq. 5).
 """
 import math
 
@@ -71,12 +77,14 @@ def get_beta_schedule(name, num_timesteps, beta_start=1e-4, beta_end=0.02):
     ](num_timesteps, beta_start, beta_end)
 
 
-def spaced_timesteps(num_train_timesteps, num_inference_steps, spacing):
+def spaced_timesteps(num_train_timesteps, num_inference_steps, spacing, integer=True):
     """Descending integer timesteps; spacings as Table 2 of Lin et al. 2024 ("Common Diffusion Noise Schedules and
     Sample Steps are Flawed") and diffusers:
         leading:  0, k, 2k, ... with k = T // N (DDIM paper's uniform skip; never visits t = T-1 when N < T)
         trailing: T-1, T-1-T/N, ... rounded (always starts from the noisiest step)
         linspace: round(linspace(0, T-1, N))
+    `integer=False` leaves linspace's points unrounded (float64), as diffusers' Euler and Heun schedulers do: their
+    noise levels interpolate between the training timesteps (`timestep_sigmas`).
     """
     check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
     if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= num_train_timesteps:
@@ -89,4 +97,39 @@ def spaced_timesteps(num_train_timesteps, num_inference_steps, spacing):
         return steps[::-1].astype(np.int64)
     if spacing == "trailing":
         return np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_inference_steps)).astype(np.int64) - 1
-    return np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1].astype(np.int64)
+    steps = np.linspace(0, num_train_timesteps - 1, num_inference_steps)[::-1].copy()
+    return steps.round().astype(np.int64) if integer else steps
+
+
+def timestep_sigmas(alphas_cumprod, timesteps):
+    """Noise levels sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t) at (possibly fractional) timesteps, linear in
+    sigma between the training timesteps (diffusers' `np.interp`), float64."""
+    sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+    return np.interp(np.asarray(timesteps, dtype=np.float64), np.arange(len(sigmas)), sigmas)
+
+
+def alpha_bar_at(alphas_cumprod, timesteps):
+    """alpha_bar at (possibly fractional) timesteps, 1 / (1 + sigma(t)^2) with `timestep_sigmas`' interpolation: the
+    training table itself at integers, and what a network told a fractional timestep is asked about."""
+    return 1.0 / (1.0 + timestep_sigmas(alphas_cumprod, timesteps) ** 2)
+
+
+def sigma_timesteps(alphas_cumprod, sigmas):
+    """The fractional timesteps of noise levels `sigmas`: linear in log sigma between the two training timesteps
+    around each (diffusers' `_sigma_to_t`), clamped to [0, T - 1], float64. Their network input when the levels are
+    off the training grid, as Karras sigmas are."""
+    log_sigmas = np.log(np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod))
+    log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
+    # the last training timestep at or below each level, kept one short of the end to leave a neighbour above
+    low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0.0, 1.0)
+    return low + w
+
+
+def karras_sigmas(sigma_min, sigma_max, num_steps, rho=7.0):
+    """The step grid of Karras et al. 2022, Eq. 5, largest first (float64, `num_steps` levels):
+        sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,  i = 0 .. N-1
+    rho = 7 (their choice, Sec. 3) spends more steps at low noise, where the ODE curves most."""
+    ramp = np.linspace(0.0, 1.0, num_steps)
+    max_inv_rho, min_inv_rho = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho

@@ -160,8 +160,9 @@ def test_spacings():
 
 def test_bad_sampler_arguments_name_the_choices():
     diffusion = GaussianDiffusion(get_beta_schedule("linear", 100))
-    with pytest.raises(ValueError, match=r"sampler must be one of \['ddpm', 'ddim', 'euler_maruyama', 'pc', 'ode', 'dpm_solver', 'ald'\]"):
-        create_sampler("euler", diffusion)
+    with pytest.raises(ValueError, match=r"sampler must be one of \['ddpm', 'ddim', 'euler_maruyama', 'pc', 'ode', "
+                                         r"'dpm_solver', 'ald', 'euler', 'euler_ancestral', 'heun'\], got 'lms'"):
+        create_sampler("lms", diffusion)
     with pytest.raises(ValueError, match="num_inference_steps must be an integer from 1 to the 100 training"):
         DDIMSampler(diffusion).set_timesteps(101)
     with pytest.raises(ValueError, match=r"timestep_spacing must be one of \['leading', 'trailing', 'linspace'\]"):

@@ -320,8 +320,8 @@ def test_dpm_solver_first_step_is_ddim():
 def test_bad_arguments_name_the_valid_range():
     diffusion = linear_diffusion(T=100)
     with pytest.raises(ValueError, match=r"sampler must be one of \['ddpm', 'ddim', 'euler_maruyama', 'pc', 'ode', "
-                                         r"'dpm_solver', 'ald'\]"):
-        create_sampler("heun", diffusion)
+                                         r"'dpm_solver', 'ald', 'euler', 'euler_ancestral', 'heun'\]"):
+        create_sampler("unipc", diffusion)
     for snr in (0, -0.1):
         with pytest.raises(ValueError, match="snr must be > 0"):
             PredictorCorrectorSampler(diffusion, snr=snr)

@@ -5,6 +5,8 @@ from .base import Sampler, SamplerOutput
 from .ddim import DDIMSampler
 from .ddpm import DDPMSampler
 from .dpm_solver import DPMSolverSampler
+from .euler import EulerAncestralSampler, EulerSampler
+from .heun import HeunSampler
 from .langevin import AnnealedLangevinSampler
 from .score_sde import EulerMaruyamaSampler, PredictorCorrectorSampler, ProbabilityFlowSampler, ScoreSDESampler
 
@@ -18,6 +20,10 @@ SAMPLERS.update({
     "dpm_solver": DPMSolverSampler,
     "ald": AnnealedLangevinSampler,
 })
+# the samplers of Karras et al. 2022 in the sigma frame of a GaussianDiffusion (diffusers' Euler / Heun schedulers)
+SAMPLERS.update({"euler": EulerSampler, "euler_ancestral": EulerAncestralSampler, "heun": HeunSampler})
+# the samplers that take karras_sigmas=True
+KARRAS_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_solver")
 
 # the samplers a model trained with GaussianDiffusion drives ("ald" needs an NCSN's noise levels instead)
 DIFFUSION_SAMPLERS = tuple(name for name in SAMPLERS if name != "ald")
@@ -33,5 +39,7 @@ def create_sampler(name, process, **kwargs):
 
 
 __all__ = ["Sampler", "SamplerOutput", "spaced_timesteps", "DDPMSampler", "DDIMSampler", "SAMPLERS",
-           "DIFFUSION_SAMPLERS", "NCSN_SAMPLERS", "create_sampler", "DPMSolverSampler", "EulerMaruyamaSampler",
-           "PredictorCorrectorSampler", "ProbabilityFlowSampler", "ScoreSDESampler", "AnnealedLangevinSampler"]
+           "DIFFUSION_SAMPLERS", "NCSN_SAMPLERS", "KARRAS_SAMPLERS", "create_sampler", "DPMSolverSampler",
+           "EulerMaruyamaSampler",
+           "PredictorCorrectorSampler", "ProbabilityFlowSampler", "ScoreSDESampler", "AnnealedLangevinSampler",
+           "EulerSampler", "EulerAncestralSampler", "HeunSampler"]

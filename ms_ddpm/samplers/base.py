@@ -1,8 +1,10 @@
 """The interface every sampler shares, in the convention of diffusers' schedulers.
 
 A sampler never owns the network: `step(model_output, timestep, sample, noise)` maps x_t to x_prev from tensors
-alone, and `sample_progressive` is the short loop that calls the network and `step` in turn. The network may be
-conditioned (`cond`, e.g. class labels) and guided (`ms_ddpm.guidance`); the loop hands the condition through.
+alone, and `sample_progressive` is the short loop that calls the network on `scale_model_input(sample, timestep)`
+and `step` in turn, as diffusers' pipelines do, so a loop written for a diffusers scheduler runs unchanged. The
+network may be conditioned (`cond`, e.g. class labels) and guided (`ms_ddpm.guidance`); the loop hands the condition
+through.
 """
 from dataclasses import dataclass
 
@@ -31,8 +33,10 @@ class FusedStep(nn.Cell):
     ops one by one from Python (each a separate launch; docs/performance.md measures the difference).
 
     For samplers that split `step` into host-side `coefficients(timestep)` (Python floats) and tensor-side
-    `update(model_output, sample, noise, *coefficients)`; the coefficients enter as 0-d tensors, so one graph
-    serves every timestep. With a guided model (`ms_ddpm.guidance.ClassifierFreeGuidance`) the graph holds both
+    `update(model_output, sample, noise, *arguments)`, with `arguments = update_arguments(timestep, sample)`: the
+    coefficients, which enter as 0-d tensors so that one graph serves every timestep, and any tensors a multi-stage
+    step carries (Heun's x). `input_scale`: the 0-d factor of `scale_model_input`, None where the network sees the
+    sample itself. With a guided model (`ms_ddpm.guidance.ClassifierFreeGuidance`) the graph holds both
     branches' network call on the doubled batch.
     """
 
@@ -43,8 +47,9 @@ class FusedStep(nn.Cell):
         self.model = model
         self.sampler = sampler
 
-    def construct(self, x, t, coefficients, noise=None, cond=None):
-        return self.sampler.update(call_network(self.model, x, t, cond), x, noise, *coefficients)
+    def construct(self, x, t, arguments, noise=None, cond=None, input_scale=None):
+        model_input = x if input_scale is None else x * input_scale
+        return self.sampler.update(call_network(self.model, model_input, t, cond), x, noise, *arguments)
 
 
 class Sampler:
@@ -60,6 +65,8 @@ class Sampler:
 
     #: whether `step` uses fresh noise (the loop then draws it from its seeded generator)
     stochastic = True
+    #: dtype of the timesteps handed to the network: integers, or float32 where they can be fractional (Euler family)
+    timestep_dtype = np.int32
 
     def __init__(self, process, timestep_spacing="leading", num_inference_steps=None):
         self.process = process
@@ -88,8 +95,24 @@ class Sampler:
         """x_t ~ q(x_t | x_0) (Ho et al. Eq. 4) for a (B,) int tensor of timesteps."""
         return self.process.q_sample(original_samples, timesteps, noise)
 
+    def input_scale(self, timestep):
+        """The factor `scale_model_input` applies at `timestep` (a float), or None: the sample is the input."""
+        return None
+
+    def scale_model_input(self, sample, timestep):
+        """The network's input at `timestep` given the loop's sample (diffusers' interface): the sample itself for
+        samplers of x_t; the Euler family, whose sample is x_t / sqrt(alpha_bar), divides it by sqrt(sigma^2 + 1)."""
+        scale = self.input_scale(timestep)
+        return sample if scale is None else sample * scale
+
+    def update_arguments(self, timestep, sample):
+        """The arguments of `update` after (model_output, sample, noise) for the step from `sample` at `timestep`:
+        `coefficients(timestep)`; samplers that count their calls advance the count here."""
+        return self.coefficients(timestep)
+
     def step(self, model_output, timestep, sample, noise=None):
-        """One reverse step from x_t (`sample`) at integer `timestep`; returns a SamplerOutput."""
+        """One reverse step from x_t (`sample`) at `timestep` (an int, or a float for the Euler family); returns a
+        SamplerOutput."""
         raise NotImplementedError
 
     def predicted_x0(self, model_output, sample, alpha_bar):
@@ -101,7 +124,7 @@ class Sampler:
         """Run the reverse chain, yielding a SamplerOutput after every step.
 
         Args:
-            model: callable (x (B, C, H, W) float32, t (B,) int32[, cond]) -> network output of x's shape.
+            model: callable (x (B, C, H, W) float32, t (B,) `timestep_dtype`[, cond]) -> network output of x's shape.
             shape: (B, C, H, W) of the samples.
             seed: seeds the NumPy generator that draws x_T and the per-step noise, so a seed fixes the samples.
             x_T: optional starting noise (overrides the one drawn from `seed`).
@@ -115,13 +138,17 @@ class Sampler:
         self._step_index = 0
         fused = self._fused_step(model)
         for timestep in tqdm(self.timesteps, desc=type(self).__name__, disable=not progress, leave=False):
-            t = ms.Tensor(np.full((shape[0],), timestep, dtype=np.int32))
+            timestep = self.timestep_dtype(timestep).item()  # a Python int, or float
+            t = ms.Tensor(np.full((shape[0],), timestep, dtype=self.timestep_dtype))
             noise = ms.Tensor(rng.standard_normal(shape, dtype=np.float32)) if self.stochastic else None
             if fused is None:
-                out = self.step(call_network(model, x, t, cond), int(timestep), x, noise)
+                out = self.step(call_network(model, self.scale_model_input(x, timestep), t, cond), timestep, x, noise)
             else:
-                coefficients = ms.mutable(tuple(ms.Tensor(np.float32(c)) for c in self.coefficients(int(timestep))))
-                out = SamplerOutput(*fused(x, t, coefficients, noise, cond))
+                scale = self.input_scale(timestep)  # read before update_arguments advances a call counter
+                arguments = ms.mutable(tuple(a if isinstance(a, ms.Tensor) else ms.Tensor(np.float32(a))
+                                             for a in self.update_arguments(timestep, x)))
+                out = SamplerOutput(*fused(x, t, arguments, noise, cond,
+                                           None if scale is None else ms.Tensor(np.float32(scale))))
             x = out.prev_sample
             yield out
 

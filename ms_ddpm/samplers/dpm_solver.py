@@ -18,14 +18,19 @@ tests match to 1e-5:
     ends with a second-order step at a small t_M = eps instead; the first-order final step is what Lu et al.
     recommend for few steps (Sec. 5) and diffusers does by default.
   * the first step is first order (DPM-Solver++1 = DDIM, Eq. 10), as in Algorithm 2.
+  * `karras_sigmas` (`use_karras_sigmas=True`): the solver steps through the N noise levels of Karras et al. 2022,
+    Eq. 5 (rho 7), between the smallest and largest training sigma = sqrt((1 - alpha_bar) / alpha_bar), whatever
+    the spacing; alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha_t there, and the network gets the level's
+    timestep rounded to an integer (`sigma_timesteps`), repeats kept.
 Deliberate differences: diffusers has no static clipping (only dynamic thresholding); here the data prediction is
 clipped to [-1, 1] when `diffusion.clip_denoised` (Lu et al. Sec. 3.2 motivate x_theta by exactly such
 thresholding), so the diffusers comparison uses clip_denoised=False. Repeated timesteps (only possible when
-N > T / 2) are dropped instead of giving a zero-length step.
+N > T / 2) are dropped instead of giving a zero-length step. With Karras sigmas on the cosine schedule diffusers
+truncates the fractional timesteps instead of rounding them; here they are rounded for every schedule.
 """
 import numpy as np
 
-from ..schedules import TIMESTEP_SPACINGS
+from ..schedules import TIMESTEP_SPACINGS, karras_sigmas, sigma_timesteps, timestep_sigmas
 from ..utils import check_choice
 from .base import Sampler, SamplerOutput
 
@@ -56,41 +61,59 @@ class DPMSolverSampler(Sampler):
         first step:  x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x0_s                           (Eq. 10)
         afterwards:  D = (1 + 1/(2r)) x0_s - 1/(2r) x0_prev,  x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D
         last step:   onto the data, sigma_t = 0: x_0 = x0_s (first order)
-    `step` keeps the previous data prediction; a call at the first timestep starts afresh.
+    `step` keeps the previous data prediction and a call counter (call the steps in order, as `sample` does); a
+    call at the first timestep starts afresh.
 
     Args:
         diffusion: a `GaussianDiffusion` (any objective; the output is turned into x_0).
         timestep_spacing: see `dpm_solver_timesteps`; default "linspace", as diffusers.
+        karras_sigmas: step through the noise levels of Karras et al. Eq. 5 (module doc).
     """
 
     stochastic = False
 
-    def __init__(self, diffusion, timestep_spacing="linspace"):
+    def __init__(self, diffusion, timestep_spacing="linspace", karras_sigmas=False):
         self._previous = None
+        self.karras_sigmas = bool(karras_sigmas)
         super().__init__(diffusion, timestep_spacing)
 
     def set_timesteps(self, num_inference_steps):
-        self.timesteps = dpm_solver_timesteps(self.num_train_timesteps, num_inference_steps, self.timestep_spacing)
+        """Pick the timesteps and `self.sigmas`, the noise level sqrt((1 - alpha_bar) / alpha_bar) of each and a
+        final 0 (the data)."""
+        timesteps = dpm_solver_timesteps(self.num_train_timesteps, num_inference_steps, self.timestep_spacing)
+        alphas_cumprod = self.process.alphas_cumprod
+        sigmas = timestep_sigmas(alphas_cumprod, timesteps)
+        if self.karras_sigmas:
+            sigma_range = timestep_sigmas(alphas_cumprod, [0, self.num_train_timesteps - 1])
+            sigmas = karras_sigmas(*sigma_range, num_inference_steps)
+            timesteps = sigma_timesteps(alphas_cumprod, sigmas).round().astype(np.int64)
+        self.timesteps = timesteps
+        self.sigmas = np.append(sigmas, 0.0)
         self.num_inference_steps = len(self.timesteps)
         self._previous = None
+        self._step_index = 0
 
-    def _alpha_sigma_lambda(self, timestep):
-        """alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t) in float64; timestep -1 is the data (sigma = 0)."""
-        alpha_bar = self.alpha_bar(timestep)
-        alpha, sigma = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
-        return alpha, sigma, (np.log(alpha) - np.log(sigma) if sigma > 0 else np.inf)
+    def _alpha_sigma_lambda(self, sigma):
+        """alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t) in float64 at noise level sigma = sigma_t /
+        alpha_t; sigma 0 is the data (lambda = inf)."""
+        alpha = 1.0 / (sigma**2 + 1.0) ** 0.5
+        return alpha, sigma * alpha, (-np.log(sigma) if sigma > 0 else np.inf)
 
     def step(self, model_output, timestep, sample, noise=None):
-        # 1. this and the next timestep, alpha, sigma, lambda (the data after the last: sigma = 0, lambda = inf)
-        prev = self.previous_timestep(timestep)
-        alpha_s, sigma_s, lam_s = self._alpha_sigma_lambda(timestep)
-        alpha_t, sigma_t, lam_t = self._alpha_sigma_lambda(prev)
+        # 1. which call this is; this and the next level's alpha, sigma, lambda (the data after the last)
+        k = 0 if timestep == self.timesteps[0] else self._step_index
+        if k >= len(self.timesteps) or self.timesteps[k] != timestep:
+            raise ValueError(f"step called out of order: call {k} got timestep {timestep} "
+                             "(call set_timesteps to restart)")
+        self._step_index = k + 1
+        alpha_s, sigma_s, lam_s = self._alpha_sigma_lambda(float(self.sigmas[k]))
+        alpha_t, sigma_t, lam_t = self._alpha_sigma_lambda(float(self.sigmas[k + 1]))
         # 2. data prediction x_theta(x_s, s), clipped when the diffusion says so
-        x0 = self.predicted_x0(model_output, sample, self.alpha_bar(timestep))
-        if timestep == self.timesteps[0]:
+        x0 = self.predicted_x0(model_output, sample, alpha_s**2)
+        if k == 0:
             self._previous = None
         # 3. last step: first order onto sigma = 0, where e^{-h} = 0 and the update is x0 itself
-        if prev < 0:
+        if sigma_t == 0:
             prev_sample = x0
         else:
             h = lam_t - lam_s
