@@ -25,11 +25,13 @@ setup(
         "tqdm",
         "PyYAML",
         "scipy",  # matrix square root of the Frechet distance
+        "safetensors",  # diffusers' weight files as NumPy, without torch: ms-ddpm export, from_pretrained, converters
     ],
     extras_require={
         "dev": [
             "pytest",
             "pytest-xdist",  # the suite runs on two workers (setup.cfg): its tests are single-threaded
+            "pytest-timeout",  # a test that hangs fails with its name instead of stalling the run (setup.cfg)
             # Reference implementations the tests compare against (same inputs, same weights).
             "torch==2.13.0",
             "diffusers",

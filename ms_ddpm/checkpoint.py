@@ -87,3 +87,23 @@ def load_checkpoint(path):
     raw["step"] = int(str(raw["step"]))
     raw["config"] = str(raw["config"])
     return raw
+
+
+def load_weights(net, state, path, use_ema=True):
+    """Load `net`'s trainable parameters from the entries `state` of the checkpoint at `path`: the EMA weights
+    ("ema.<name>", `ms_ddpm.train.ema.EMA`) when `use_ema` and the checkpoint has them all, else the weights under
+    their own names (a run without EMA, or a converter's checkpoint). Returns which: "ema" or "raw".
+
+    Raises:
+        CheckpointError: the checkpoint lacks some of them (it belongs to another network or configuration).
+    """
+    names = [p.name for p in net.trainable_params()]
+    kind = "ema" if use_ema and all("ema." + n in state for n in names) else "raw"
+    prefix = "ema." if kind == "ema" else ""
+    missing = [n for n in names if prefix + n not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks weights for {missing[:3]}...: it does not hold this "
+                              f"{type(net).__name__}'s configuration")
+    ms.load_param_into_net(net, {n: ms.Parameter(state[prefix + n].value(), name=n) for n in names},
+                           strict_load=True)
+    return kind

@@ -1,8 +1,9 @@
-"""Command line: `ms-ddpm train`, `ms-ddpm sample` and `ms-ddpm evaluate`.
+"""Command line: `ms-ddpm train`, `ms-ddpm sample`, `ms-ddpm evaluate` and `ms-ddpm export`.
 
 Errors a user can fix (bad config, missing data, damaged checkpoint, diverging loss, class labels or a guidance
 scale the model cannot take) end with one line on stderr and exit status 2, not a traceback. Sampling and evaluation
-rebuild everything from the checkpoint (`ms_ddpm.pipeline.DiffusionPipeline`) and never import the trainer.
+rebuild everything from the checkpoint (`ms_ddpm.pipeline.DiffusionPipeline`) and never import the trainer; export
+writes it as a diffusers folder (`ms_ddpm.export`).
 """
 import argparse
 import json
@@ -16,7 +17,7 @@ from .checkpoint import CheckpointError
 from .config import Config, ConfigError
 from .data import pipeline_error
 from .data.fetch import DownloadError
-from .samplers import DIFFUSION_SAMPLERS, NCSN_SAMPLERS, SAMPLERS
+from .samplers import DIFFUSION_SAMPLERS, KARRAS_SAMPLERS, NCSN_SAMPLERS, SAMPLERS
 
 USER_ERRORS = (ConfigError, CheckpointError, DownloadError, FileNotFoundError, ValueError)
 
@@ -69,7 +70,12 @@ def sample_main(args):
     print(f"{args.ckpt}: step {pipe.checkpoint_step}, {pipe.weights} weights, diffusion.process "
           f"{cfg.diffusion.process}, sampler {name}"
           + (f", {len(pipe.class_names)} classes, guidance scale {args.guidance_scale:g}" if pipe.conditional else ""))
-    sampler = pipe.create_sampler(name, **({"eta": args.eta} if name == "ddim" else {}))
+    options = {"eta": args.eta} if name == "ddim" else {}
+    if args.karras_sigmas:
+        if name not in KARRAS_SAMPLERS:
+            raise ValueError(f"--karras-sigmas applies to the samplers {list(KARRAS_SAMPLERS)}, not {name!r}")
+        options["karras_sigmas"] = True
+    sampler = pipe.create_sampler(name, **options)
     # steps None: the sampler's default, every training timestep / level, or ald's 100 per level
     frames = []
 
@@ -118,6 +124,16 @@ def evaluate_main(args):
         out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
+def export_main(args):
+    from .export import export_checkpoint
+
+    if Path(args.out).is_file():  # checked before the checkpoint is read
+        raise ValueError(f"--out {args.out} is a file; name a folder (new or existing) for the diffusers files")
+    written, kind, scale = export_checkpoint(args.ckpt, args.out, use_ema=not args.no_ema)
+    print(f"wrote {', '.join(map(str, written))} ({kind} weights of {args.ckpt}"
+          + (f"; scaling_factor {scale:.6g}" if scale is not None else "") + ")")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="ms-ddpm", description="Train and sample DDPMs with MindSpore.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +152,8 @@ def build_parser():
                    help="sampling steps (default: all training timesteps or noise levels); for ald: Langevin steps "
                    "per noise level (default 100, the NCSN paper's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--karras-sigmas", action="store_true",
+                   help=f"step on the noise levels of Karras et al. 2022, Eq. 5 (samplers {list(KARRAS_SAMPLERS)})")
     p.add_argument("--class-labels", type=int, nargs="+", default=None, metavar="LABEL",
                    help="class-conditional models: the labels to draw, repeated to fill --num (default: every class "
                    "equally often); samples.npz then holds their `labels` and the grid has one row per class")
@@ -184,6 +202,15 @@ def build_parser():
     p.add_argument("--device", default="CPU", choices=["CPU", "GPU", "Ascend"])
     p.add_argument("--json", default=None, help="also write the results (and the machine) to this JSON file")
     p.set_defaults(func=evaluate_main)
+    p = sub.add_parser("export", help="write a checkpoint as a diffusers folder (a DDPMPipeline, or a vae/)")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint written by `ms-ddpm train` of a model.name ddpm_unet or autoencoder_kl run")
+    p.add_argument("--out", required=True,
+                   help="folder to write: unet/, scheduler/ and model_index.json (diffusers.DDPMPipeline."
+                   "from_pretrained loads it), or vae/ for an autoencoder")
+    p.add_argument("--no-ema", action="store_true",
+                   help="export the raw weights even when the checkpoint has EMA weights")
+    p.set_defaults(func=export_main)
     return parser
 
 

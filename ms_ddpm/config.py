@@ -187,7 +187,8 @@ class LatentConfig:
     # it has them), or of scripts/convert_diffusers_vae.py; None: diffusion in pixel space
     autoencoder: Optional[str] = None
     # the diffusion model sees z * scaling_factor; auto: 1 / std of the training latents (Sec. 4.3.2), computed by
-    # the trainer and stored in the run's config
+    # the trainer, or a converted diffusers VAE's own factor (0.18215 for Stable Diffusion's); a number overrides
+    # either; stored in the run's config
     scaling_factor: typing.Union[float, str] = "auto"
     # the autoencoder's constructor arguments, filled in by the trainer (so sampling rebuilds it from a checkpoint)
     autoencoder_kwargs: Optional[dict] = None

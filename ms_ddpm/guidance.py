@@ -23,6 +23,17 @@ import mindspore as ms
 from mindspore import nn, ops
 
 
+def trained_null_label(network, cfg):
+    """The null label that `cfg.diffusion.cond_drop_prob` trains: the row after the classes of `cfg.data.class_names`
+    (`Unet(num_classes=N)`'s row N). None without one: an unconditional network, no label dropout, or a class
+    embedding with no row beyond the classes (e.g. a converted diffusers model)."""
+    rows = getattr(network, "num_class_embeds", None)
+    names = cfg.data.class_names
+    if rows is None or not names or rows != len(names) + 1 or not cfg.diffusion.cond_drop_prob > 0:
+        return None
+    return len(names)
+
+
 class ClassifierFreeGuidance(nn.Cell):
     """A guided network: construct(x (B, C, H, W), t (B,), cond (B,) int32 labels) -> the guided output, x's shape.
 

@@ -16,26 +16,28 @@ KL weight of the first stage (1e-6) the posterior's standard deviation is small 
 
 `scaling_factor: auto` is Sec. 4.3.2 / Appendix D.1 of the paper: rescale the latents by 1 / (their standard
 deviation), so that the diffusion's unit-variance prior and noise schedule fit them as they fit images in [-1, 1]
-(LDM estimates it on the first batch, here on the whole training split).
+(LDM estimates it on the first batch, here on the whole training split). A converted diffusers VAE comes with the
+factor it was published with (Stable Diffusion's 0.18215, measured so on its training data), which auto keeps
+(`resolve_scaling_factor`); a number overrides either.
 """
 import inspect
 import json
 from dataclasses import dataclass
 from typing import Optional
 
-import mindspore as ms
 import numpy as np
 import yaml
 from mindspore import nn
 
-from .checkpoint import load_verified
+from .checkpoint import load_verified, load_weights
 from .config import Config, ConfigError
-from .data import create_dataset
+from .data import create_dataset, iterate
 from .data.datasets import create_array_dataset
 from .models import apply_batched
 from .models.autoencoder_kl import AutoencoderKL
 
-__all__ = ["FirstStage", "LatentCache", "auto_scaling_factor", "diffusion_shape", "encode_split", "load_autoencoder"]
+__all__ = ["FirstStage", "LatentCache", "auto_scaling_factor", "diffusion_shape", "encode_split", "load_autoencoder",
+           "resolve_scaling_factor"]
 
 # images per encoder call while building a cache
 ENCODE_BATCH = 250
@@ -44,7 +46,8 @@ ENCODE_BATCH = 250
 def load_autoencoder(path):
     """(AutoencoderKL with its weights, its constructor kwargs) from `path`: a checkpoint of an `ms-ddpm train` run
     with model.name autoencoder_kl (its EMA weights when it has them), or one written by
-    scripts/convert_diffusers_vae.py. Raises ConfigError (CheckpointError for a missing or damaged file)."""
+    scripts/convert_diffusers_vae.py. Raises ConfigError (CheckpointError for a missing or damaged file, or one
+    without the weights of its arguments)."""
     state = load_verified(path, "autoencoder checkpoint", "train one with a model.name: autoencoder_kl config "
                           "(configs/vae_mnist5k_cpu.yaml) or convert one with scripts/convert_diffusers_vae.py",
                           "train or convert it again")
@@ -54,20 +57,13 @@ def load_autoencoder(path):
             raise ConfigError(f"latent.autoencoder {path} is a checkpoint of a model.name {cfg.model.name!r} run, "
                               "not of an autoencoder: give one of a model.name autoencoder_kl run")
         kwargs = dict(cfg.model.kwargs)
-        ema = all("ema." + p.name in state for p in AutoencoderKL(**kwargs).trainable_params())
-        prefix = "ema." if ema else ""
-    elif "autoencoder_kl" in state:  # scripts/convert_diffusers_vae.py
-        kwargs, prefix = json.loads(str(state["autoencoder_kl"])), ""
+    elif "autoencoder_kl" in state:  # scripts/convert_diffusers_vae.py: its config's scaling_factor among them
+        kwargs = json.loads(str(state["autoencoder_kl"]))
     else:
         raise ConfigError(f"latent.autoencoder {path} holds neither a training run's config nor the converter's "
                           "'autoencoder_kl' entry: it is not an autoencoder checkpoint of ms_ddpm")
     autoencoder = AutoencoderKL(**kwargs)
-    names = [p.name for p in autoencoder.get_parameters()]
-    missing = [n for n in names if prefix + n not in state]
-    if missing:
-        raise ConfigError(f"latent.autoencoder {path} lacks weights for {missing[:3]}...")
-    ms.load_param_into_net(autoencoder, {n: ms.Parameter(state[prefix + n].value(), name=n) for n in names},
-                           strict_load=True)
+    load_weights(autoencoder, state, f"latent.autoencoder {path}")  # a converter's checkpoint has no EMA weights
     autoencoder.set_train(False)
     return autoencoder, kwargs
 
@@ -136,10 +132,22 @@ def encode_split(autoencoder, data_cfg, split="train", labels=False):
     images = create_dataset(c.name, c.root, split, c.image_size, c.channels, ENCODE_BATCH, shuffle=False,
                             download=c.download, num_parallel_workers=c.num_parallel_workers, drop_remainder=False,
                             **(dict(labels=True) if labels else {}))
-    columns = list(zip(*images.create_tuple_iterator(output_numpy=True, num_epochs=1)))
+    columns = list(zip(*iterate(images)))
     mean, logvar = apply_batched(_Encoder(autoencoder), np.concatenate(columns[0]), ENCODE_BATCH)
     return LatentCache(mean.astype(np.float32), np.concatenate(columns[1]).astype(np.int32) if labels else None,
                        float(np.exp(0.5 * logvar).mean()))
+
+
+def resolve_scaling_factor(setting, autoencoder, latents):
+    """The factor `latent.scaling_factor: setting` means for `autoencoder`: a number as given (it overrides the
+    autoencoder's own); auto: the autoencoder's own `scaling_factor` when it has one (a converted diffusers VAE
+    carries its config's, 0.18215 for Stable Diffusion's), else, for one trained here, `auto_scaling_factor` of
+    `latents()` (a callable: the latents are needed only then)."""
+    if setting != "auto":
+        return float(setting)
+    if autoencoder.scaling_factor is not None:
+        return autoencoder.scaling_factor
+    return auto_scaling_factor(latents())
 
 
 def auto_scaling_factor(latents):

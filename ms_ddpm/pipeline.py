@@ -1,6 +1,6 @@
 """One object that generates: a trained network, the noise process it was trained on, and the run's config.
 
-    pipe = DiffusionPipeline.from_checkpoint("outputs/mnist5k_cond/ckpt_00001300.ckpt")
+    pipe = DiffusionPipeline.from_checkpoint("outputs/mnist5k_cond/ckpt_00001200.ckpt")
     samples, labels = pipe(20, class_labels=[3, 7], guidance_scale=2.0, sampler="ddim", steps=50, seed=0)
     # samples: float32 (20, C, H, W) in [-1, 1]; labels: int32 (20,), 3 7 3 7 ... (None for an unconditional model)
 
@@ -9,6 +9,9 @@ pipeline (class labels and their null label on the doubled batch), smaller: the 
 (`Sampler.sample_progressive`), so the pipeline chooses the labels, the guided network and the sampler, and draws
 batch i from the seed `seed + i` (the same arguments give the same samples, in either execution mode up to float32
 rounding). `ms-ddpm sample`, `ms-ddpm evaluate` and the trainer's sample grids generate through it.
+
+`DiffusionPipeline.from_pretrained(folder)` reads a diffusers DDPMPipeline folder (`ms_ddpm.diffusers_format`) as
+it is, e.g. a downloaded google/ddpm-cifar10-32; `ms-ddpm export` writes one from a checkpoint.
 
 Latent diffusion (`ms_ddpm.latent`): for a run with a `latent` section the pipeline also holds the autoencoder's
 decoder (`FirstStage`, its weights from the checkpoint's "autoencoder.*" entries): it samples latents and returns
@@ -22,11 +25,14 @@ import mindspore as ms
 import numpy as np
 import yaml
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_weights
 from .config import Config, ConfigError
-from .guidance import ClassifierFreeGuidance
+from .diffusers_format import read_ddpm_pipeline
+from .guidance import ClassifierFreeGuidance, trained_null_label
 from .latent import FirstStage, diffusion_shape
 from .models import AutoencoderKL, create_model
+from .models.ddpm_unet import load_diffusers_weights
+from .models.state_dict import StateDictError
 from .processes import create_process
 from .runtime import set_runtime
 from .samplers import DIFFUSION_SAMPLERS, NCSN_SAMPLERS, Sampler, create_sampler
@@ -129,14 +135,7 @@ class DiffusionPipeline:
         cfg.train.mode, cfg.train.device, cfg.train.amp_level = mode, device, "O0"
         set_runtime(cfg.train)
         net = create_model(cfg.model.name, **cfg.model.kwargs)
-        names = [p.name for p in net.trainable_params()]
-        kind = "ema" if use_ema and all("ema." + n in state for n in names) else "raw"
-        prefix = "ema." if kind == "ema" else ""
-        missing = [n for n in names if prefix + n not in state]
-        if missing:
-            raise CheckpointError(f"{path} lacks weights for {missing[:3]}...: it does not match its own config")
-        ms.load_param_into_net(net, {n: ms.Parameter(state[prefix + n].value(), name=n) for n in names},
-                               strict_load=True)
+        kind = load_weights(net, state, path, use_ema)
         first_stage = None
         if cfg.latent.autoencoder_kwargs is not None:  # its weights travel in the checkpoint, never trained
             first_stage = FirstStage(AutoencoderKL(**cfg.latent.autoencoder_kwargs), cfg.latent.scaling_factor)
@@ -149,6 +148,27 @@ class DiffusionPipeline:
         pipe = cls(net, create_process(cfg.diffusion, latent=first_stage is not None), cfg, first_stage)
         pipe.checkpoint_step, pipe.weights = state["step"], kind
         return pipe
+
+    @classmethod
+    def from_pretrained(cls, path, mode="graph", device="CPU"):
+        """A pipeline from a diffusers `DDPMPipeline` folder (model_index.json, unet/, scheduler/), e.g. a
+        downloaded google/ddpm-cifar10-32 or one `ms-ddpm export` wrote, without a conversion step.
+
+        The config is the folder's (`ms_ddpm.diffusers_format.read_ddpm_pipeline`): a DDPMUNet with the arguments of
+        unet/config.json, the chain of scheduler/scheduler_config.json, the image shape of the UNet; a
+        class-conditional UNet's labels are named "0" ... "K-1", and it samples without guidance (a diffusers folder
+        names no null label). Raises ConversionError (a ConfigError) for a setting ms_ddpm cannot represent,
+        StateDictError for a missing or unreadable file.
+        """
+        cfg, state_dict = read_ddpm_pipeline(path)
+        cfg.train.mode, cfg.train.device = mode, device
+        set_runtime(cfg.train)
+        net = create_model(cfg.model.name, **cfg.model.kwargs)
+        try:
+            load_diffusers_weights(net, state_dict)
+        except ValueError as err:
+            raise StateDictError(f"{path}: the UNet's weights do not fit its config.json: {err}") from None
+        return cls(net, create_process(cfg.diffusion), cfg)
 
     # --- conditioning --------------------------------------------------------------------------------------------
     @property
@@ -163,9 +183,7 @@ class DiffusionPipeline:
     @property
     def null_label(self):
         """The label of the unconditional branch, or None when the network has no trained null row."""
-        if not self.conditional or self.network.num_class_embeds != len(self.class_names) + 1:
-            return None
-        return len(self.class_names) if self.config.diffusion.cond_drop_prob > 0 else None
+        return trained_null_label(self.network, self.config)
 
     def labels(self, num_samples, class_labels=None):
         """The (num_samples,) int32 labels of a draw: `class_labels` repeated to fill it, or, when None, every class

@@ -535,18 +535,14 @@ def torch_ddim(model, x, steps, timesteps, alphas_cumprod, objective, clip):
     `timesteps`, with ms_ddpm's conventions: x0_hat clipped to [-1, 1] when `clip`, eps_hat the network's own."""
     import torch
 
+    from ms_ddpm.processes import predict_eps, predict_x0  # the library's conversions, on torch tensors here
+
     with torch.inference_mode():
         for i, t in enumerate(steps):
             a_t = float(alphas_cumprod[t])
             a_prev = float(alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
             out = model(x, torch.full((x.shape[0],), int(t), dtype=torch.long))
-            a, s = a_t**0.5, (1 - a_t) ** 0.5
-            if objective == "eps":
-                x0, eps = (x - s * out) / a, out
-            elif objective == "v":
-                x0, eps = a * x - s * out, a * out + s * x
-            else:
-                x0, eps = out, (x - a * out) / s
+            x0, eps = predict_x0(objective, out, x, a_t), predict_eps(objective, out, x, a_t)
             if clip:
                 x0 = x0.clamp(-1, 1)
             x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
@@ -658,11 +654,13 @@ def main(argv=None):
     args = parse_args(argv)
     if args.phase is not None:
         return run_phase_here(args)
-    import yaml  # only to read the config's shape early; the phases load it with ms_ddpm.config
+    from ms_ddpm.config import ConfigError  # imports no MindSpore, as ms_ddpm.utils
 
-    with open(args.config, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
-    if (raw.get("diffusion") or {}).get("process", "ddpm") != "ddpm":
+    try:
+        cfg = load_config(args)  # with --set, as every phase loads it
+    except ConfigError as err:
+        sys.exit(f"benchmark: error: {err}")
+    if cfg.diffusion.process != "ddpm":
         sys.exit("benchmark: error: the sampling rows and the PyTorch yardstick are DDPM's; give a config with "
                  "diffusion.process ddpm")
     started = time.perf_counter()
@@ -674,7 +672,7 @@ def main(argv=None):
         notes.append("PyTorch rows skipped (--skip-torch)")
     elif not use_torch:
         notes.append("PyTorch rows skipped: torch is not installed (pip install -e '.[dev]')")
-    if (raw.get("model") or {}).get("name", "unet") != "unet":
+    if cfg.model.name != "unet":
         notes.append("FLOPs: attention matmuls are counted for the 'unet' model only")
         if use_torch:
             use_torch = False

@@ -3,7 +3,7 @@ class-conditional checkpoint FD and class accuracy over classifier-free guidance
 
     python scripts/sampler_table.py --ckpt outputs/mnist5k/ckpt_00000800.ckpt \
         --features outputs/classifier.ckpt --num 500 --json outputs/sampler_table.json
-    python scripts/sampler_table.py --ckpt outputs/mnist5k_cond/ckpt_00001300.ckpt \
+    python scripts/sampler_table.py --ckpt outputs/mnist5k_cond/ckpt_00001200.ckpt \
         --features outputs/classifier.ckpt --num 1000 --runs ddim=50 dpm_solver=20 \
         --guidance-scales 1 1.5 2 3 5 --json outputs/guidance_table.json
 

@@ -9,8 +9,11 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-# The real MNIST subset (4,000 train + 1,000 test digits, IDX format) kept beside the repository, never inside it.
-MNIST5K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist5k"
+from ms_ddpm.data.embedded import embedded_mnist_root
+
+# The real MNIST digits the package carries (ms_ddpm/data/mnist5k: 4,000 train + 1,000 test), as the folder of
+# unpacked IDX files that `create_dataset("mnist", root=None)` reads: the suite needs nothing beside the repository.
+MNIST5K = Path(embedded_mnist_root())
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 # diffusers' attention names before version 0.15, still found in older checkpoints (converted on load)
 LEGACY_ATTENTION_NAMES = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
@@ -76,6 +79,23 @@ def randomise_norms_and_biases(torch, model):
             elif isinstance(model.get_submodule(name.rpartition(".")[0]), (torch.nn.GroupNorm, torch.nn.LayerNorm)):
                 p.normal_(1.0, 0.1)
     return model.eval()
+
+
+def assert_same_network(net, params_a, params_b, *inputs):
+    """`net(*inputs)` is the same (to float32 rounding) with the weights `params_a` as with `params_b` (arrays in
+    `net.trainable_params()` order); net is left in inference mode with params_b.
+
+    Two runs that should take the same steps but round differently (graph and PyNative mode) are compared by what
+    their weights compute, not weight by weight: a bias that a GroupNorm removes has rounding noise for gradient, which
+    Adam's normalised update turns into steps of up to the learning rate that differ from run to run.
+    """
+    net.set_train(False)
+    outputs = []
+    for params in (params_a, params_b):
+        for p, value in zip(net.trainable_params(), params, strict=True):
+            p.set_data(ms.Tensor(value))
+        outputs.append(net(*inputs).asnumpy())
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
 
 
 def numpy_state_dict(model):

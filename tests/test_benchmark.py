@@ -1,6 +1,6 @@
 """Smoke test of scripts/benchmark.py: one run on a tiny U-Net writes a JSON with a positive img/s for every
 measured row, and MindSpore / PyTorch ratios when torch is installed. Five subprocesses, each importing a framework
-and compiling its graphs: a long run, marked slow."""
+and compiling its graphs: a long run, marked slow. And, fast, the parent's checks of the config with --set."""
 import json
 import subprocess
 import sys
@@ -65,3 +65,17 @@ def test_benchmark_runs_on_a_tiny_config(tmp_path):
         # the hook-based MindSpore count and torch's FlopCounterMode agree on the same network
         assert report["extra"]["flops_per_image_forward_torch"] == report["flops_per_image_forward"]
     assert "img/s" in proc.stdout and "command: python scripts/benchmark.py" in proc.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    # the config's own process is ddpm: the parent must read it with the override, as every phase does
+    ("diffusion.process=ncsn", "benchmark: error: the sampling rows and the PyTorch yardstick are DDPM's"),
+    ("train.steps=many", "benchmark: error: train.steps must be an integer, got 'many' (str)"),
+])
+def test_overrides_reach_the_parents_checks_before_any_phase(override, message, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG.replace(", loss_type: huber", ""), encoding="utf-8")  # loss_type is DDPM's only
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(config), "--set", override],
+                          capture_output=True, text=True, timeout=120, check=False)
+    # refused before the first progress line: nothing measured, no phase started
+    assert proc.returncode == 1 and message in proc.stderr and "[benchmark]" not in proc.stderr, proc.stderr

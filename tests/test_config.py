@@ -48,3 +48,17 @@ def test_yaml_values_are_checked_by_field_type(tmp_path):
         Config.load(path)
     path.write_text("train:\n  lr: 1e-4\n")  # YAML 1.1 reads 1e-4 as a string; the field says float
     assert Config.load(path).train.lr == 1e-4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.kwargs.dim=abc", "model.kwargs do not fit Unet: dim must be an integer >= 1, got 'abc'"),
+    ("model.kwargs.dim_mults=[1,2.5]", "model.kwargs do not fit Unet: dim_mults[1] must be an integer >= 1, got 2.5"),
+    ("model.kwargs.heads=0", "model.kwargs do not fit Unet: heads must be an integer >= 1, got 0"),
+    ("model.kwargs.dims=16", "model.kwargs do not fit Unet: "),  # an unknown constructor argument
+])
+def test_bad_model_kwargs_name_the_key_in_one_line_and_status_2(override, message, tmp_path, capsys):
+    # checked when the network is built, before data or compilation
+    assert cli_main(["train", "--config", str(QUICK_START), "--set", override,
+                     f"train.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

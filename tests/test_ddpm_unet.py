@@ -99,11 +99,12 @@ def test_matches_diffusers(reference, converted_net, mode):
 @pytest.fixture(scope="module")
 def class_reference():
     """The tiny UNet2DModel with a class embedding of 10 rows (diffusers' num_class_embeds, class_embed_type None),
-    randomly initialised, its state dict, a labelled input batch and its output."""
+    randomly initialised, norms and biases included (as the unconditional reference), its state dict, a labelled
+    input batch and its output."""
     torch = pytest.importorskip("torch", reason="torch is needed for the diffusers reference")
     diffusers = pytest.importorskip("diffusers", reason="diffusers is needed for the reference UNet2DModel")
     torch.manual_seed(1)
-    model = diffusers.UNet2DModel(**TINY_DIFFUSERS_CONFIG, num_class_embeds=10).eval()
+    model = randomise_norms_and_biases(torch, diffusers.UNet2DModel(**TINY_DIFFUSERS_CONFIG, num_class_embeds=10))
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
     t = np.array([5, 500, 990], dtype=np.int64)
@@ -112,8 +113,7 @@ def class_reference():
         out = model(torch.from_numpy(x), torch.from_numpy(t), class_labels=torch.from_numpy(labels).long()).sample
         other = model(torch.from_numpy(x), torch.from_numpy(t), class_labels=torch.tensor([4, 1, 7])).sample
     assert np.abs(out.numpy() - other.numpy()).max() > 1e-3  # the labels matter, so the comparison can fail
-    state_dict = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    return dict(state_dict=state_dict, x=x, t=t, labels=labels, out=out.numpy())
+    return dict(state_dict=numpy_state_dict(model), x=x, t=t, labels=labels, out=out.numpy())
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ cross-attention U-Net trained in its latent space (the latent cache, scaling_fac
 checkpoint, `ms-ddpm sample` / `evaluate` decoding), and the refusals of bad latent configs.
 
 One graph-mode autoencoder run (8 steps, 8x8 digits) serves the module; its resumed half and the latent run are
-PyNative (a handful of steps of tiny networks, cheaper op by op than a compile)."""
+PyNative (a handful of steps of tiny networks, cheaper op by op than a compile), and the latent run once more in
+graph mode, as configs/ldm_mnist5k_cpu.yaml trains, must take the same steps."""
 import json
 import re
 
@@ -18,13 +19,14 @@ from ms_ddpm.checkpoint import load_checkpoint
 from ms_ddpm.cli import main as cli_main
 from ms_ddpm.config import Config
 from ms_ddpm.data import create_dataset
-from ms_ddpm.latent import _Encoder, auto_scaling_factor, encode_split, load_autoencoder
+from ms_ddpm.latent import FirstStage, LatentCache, _Encoder, auto_scaling_factor, encode_split, load_autoencoder
 from ms_ddpm.losses import AutoencoderLoss
 from ms_ddpm.metrics.reconstruction import psnr
-from ms_ddpm.models import AutoencoderKL
+from ms_ddpm.models import AutoencoderKL, create_model
 from ms_ddpm.pipeline import DiffusionPipeline
 from ms_ddpm.train.trainer import Trainer
-from tests.helpers import MNIST5K, execution_mode
+from tests.helpers import (MNIST5K, assert_matches_reference, assert_same_network, execution_mode,
+                           import_torch_reference, load_script, randomise_norms_and_biases, save_diffusers_model)
 from tests.test_ncsn_training import assert_resumed_like_uninterrupted, read_losses
 
 # f = 2: 8x8 digits -> 2 x 4 x 4 latents; 9,830 parameters
@@ -35,13 +37,7 @@ LDM_KWARGS = {"dim": 8, "dim_mults": [1, 2], "channels": 2, "heads": 1, "dim_hea
               "context_dim": 8, "cross_attention_levels": [0]}
 
 
-def needs_data():
-    if not MNIST5K.is_dir():
-        pytest.skip(f"the mnist5k data set is not at {MNIST5K}")
-
-
 def ae_config(output_dir, **train):
-    needs_data()
     t = {"output_dir": str(output_dir), "batch_size": 4, "steps": 8, "warmup_steps": 2, "lr": 3e-3, "log_every": 1,
          "sample_every": 8, "save_every": 4, "eval_every": 4, "eval_batch_size": 500, "ema_decay": 0.9, "seed": 3,
          "num_samples": 8}
@@ -55,7 +51,6 @@ def ae_config(output_dir, **train):
 
 
 def ldm_config(output_dir, autoencoder, model=None, **train):
-    needs_data()
     t = {"output_dir": str(output_dir), "batch_size": 8, "steps": 4, "warmup_steps": 1, "lr": 3e-3, "log_every": 1,
          "sample_every": 4, "save_every": 4, "ema_decay": 0.9, "seed": 5, "mode": "pynative", "sample_steps": 2,
          "num_samples": 10}
@@ -106,7 +101,6 @@ def test_autoencoder_loss_is_reconstruction_plus_weighted_closed_form_kl():
 def test_tiny_autoencoder_overfits_four_images():
     """Four digits, 150 Adam steps in graph mode: the PSNR of their reconstructions rises from under 10 dB to over
     20 dB."""
-    needs_data()
     images = next(create_dataset("mnist", str(MNIST5K), "test", 8, 1, 4, shuffle=False)
                   .create_tuple_iterator(output_numpy=True, num_epochs=1))[0]
     ms.set_seed(0)
@@ -190,6 +184,22 @@ def test_latent_cache_equals_encoding_on_the_fly(autoencoder_ckpt):
             break
 
 
+def test_the_diffusion_sees_z_times_the_factor_and_first_stage_decodes_z_over_it():
+    """Rombach et al. 2022, Sec. 4.3.2: the diffusion model is trained on z * scaling_factor (the cache's batches)
+    and its samples x are decoded as D(x / scaling_factor). With a factor of 7.5, far from 1, the cache multiplies by
+    it and FirstStage gives the decoder's images of the unscaled latents, so a factor applied the wrong way fails."""
+    ms.set_seed(0)
+    ae = AutoencoderKL(**AE_KWARGS)
+    latents = np.random.default_rng(0).standard_normal((6, 2, 4, 4)).astype(np.float32)
+    batch = next(LatentCache(latents, None, 0.0).dataset(6, 7.5, shuffle=False)
+                 .create_tuple_iterator(output_numpy=True, num_epochs=1))[0]
+    np.testing.assert_allclose(batch, latents * 7.5, rtol=1e-6)
+    images = ae.decode(ms.Tensor(latents)).asnumpy()
+    np.testing.assert_allclose(FirstStage(ae, 7.5)(ms.Tensor(batch)).asnumpy(), images, rtol=1e-5, atol=1e-5)
+    # the decoder is not scale-invariant (its GroupNorms follow a biased convolution and a residual path)
+    assert np.abs(ae.decode(ms.Tensor(batch)).asnumpy() - images).max() > 0.1
+
+
 @pytest.fixture(scope="module")
 def latent_run(autoencoder_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("ldm")
@@ -247,3 +257,58 @@ def test_bad_latent_configs_end_in_one_line(problem, message, latent_run, autoen
     assert cli_main(["train", "--config", str(tmp_path / "ldm.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and re.search(message, err), err
+
+
+@pytest.fixture(scope="module")
+def graph_latent_run(autoencoder_ckpt, tmp_path_factory):
+    """The latent run in graph mode (no grid: sampling would compile a graph of its own)."""
+    out = tmp_path_factory.mktemp("ldm_graph")
+    trainer = Trainer(ldm_config(out, autoencoder_ckpt, mode="graph", sample_every=0))
+    trainer.train()
+    return trainer, out
+
+
+def test_graph_mode_latent_steps_equal_pynative(latent_run, graph_latent_run):
+    """The compiled latent step (the labels through cross-attention, label dropout, the cached latents) logs the
+    PyNative run's losses, and its weights and EMA weights give the network the PyNative run's outputs."""
+    pynative, pynative_out = latent_run
+    graph, graph_out = graph_latent_run
+    assert graph.cfg.latent.scaling_factor == pytest.approx(pynative.cfg.latent.scaling_factor, rel=1e-6)
+    np.testing.assert_allclose(read_losses(graph_out), read_losses(pynative_out), rtol=1e-6)
+    z = ms.Tensor(np.random.default_rng(1).standard_normal((4, 2, 4, 4)), ms.float32)
+    t, labels = ms.Tensor([0, 15, 30, 49], ms.int32), ms.Tensor([0, 3, 9, 10], ms.int32)  # 10: the null label
+    net = create_model("unet", **graph.cfg.model.kwargs)
+    assert_same_network(net, [p.asnumpy() for p in pynative.model.trainable_params()],
+                        [p.asnumpy() for p in graph.model.trainable_params()], z, t, labels)
+    assert_same_network(net, [w.asnumpy() for w in pynative.ema.ema_weights],
+                        [w.asnumpy() for w in graph.ema.ema_weights], z, t, labels)
+
+
+def test_a_converted_vae_keeps_its_scaling_factor(tmp_path):
+    """A diffusers AutoencoderKL (tiny, random, scaling_factor 0.3) converted by scripts/convert_diffusers_vae.py loads
+    as latent.autoencoder (its decoder is diffusers'), and `scaling_factor: auto` is then its own factor: in the run's
+    config, its first stage and the pipeline of its checkpoint. A number overrides it."""
+    torch, diffusers = import_torch_reference()
+    torch.manual_seed(0)
+    vae = randomise_norms_and_biases(torch, diffusers.AutoencoderKL(
+        in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1, latent_channels=2,
+        norm_num_groups=4, sample_size=8, scaling_factor=0.3))
+    weights, config = save_diffusers_model(vae, tmp_path / "vae", "safetensors")
+    ckpt = tmp_path / "vae.ckpt"
+    converter = load_script("convert_diffusers_vae")
+    assert converter.main(["--input", str(weights), "--config", str(config), "--output", str(ckpt)]) == 0
+    ae, kwargs = load_autoencoder(ckpt)
+    assert kwargs["scaling_factor"] == ae.scaling_factor == 0.3
+    z = np.random.default_rng(0).standard_normal((2, 2, 4, 4)).astype(np.float32)
+    with torch.no_grad():
+        assert_matches_reference(ae.decode(ms.Tensor(z)).asnumpy(), vae.decode(torch.from_numpy(z)).sample.numpy())
+
+    trainer = Trainer(ldm_config(tmp_path / "run", ckpt, steps=1, save_every=1, sample_every=0))
+    assert trainer.cfg.latent.scaling_factor == trainer.first_stage.scaling_factor == 0.3
+    trainer.train()
+    pipe = DiffusionPipeline.from_checkpoint(tmp_path / "run" / "ckpt_00000001.ckpt", mode="pynative")
+    assert pipe.config.latent.scaling_factor == pipe.first_stage.scaling_factor == 0.3
+    overridden = ldm_config(tmp_path / "other", ckpt)
+    overridden.latent.scaling_factor = 0.5
+    assert Trainer(overridden).first_stage.scaling_factor == 0.5

@@ -1,4 +1,5 @@
-"""Frechet / kernel distances against direct computations, and the DDPM bound in bits/dim against closed forms.
+"""Frechet / kernel distances against direct computations, PSNR of known errors, and the DDPM bound in bits/dim
+against closed forms.
 
 The likelihood tests use data x_0 = 8-bit quantisation of N(MU, S^2) (clipped to [-1, 1]) and the exact eps-network of
 the continuous N(MU, S^2). Everything about this pair is Gaussian, so each term of the bound has a closed form.
@@ -12,6 +13,7 @@ from scipy.stats import norm
 from ms_ddpm.processes import GaussianDiffusion
 from ms_ddpm.metrics import (calc_bpd_loop, discretized_gaussian_log_likelihood, feature_statistics, frechet_distance,
                              kernel_distance, prior_bpd, vb_terms_bpd)
+from ms_ddpm.metrics.reconstruction import psnr
 from ms_ddpm.schedules import get_beta_schedule
 
 MU, S = 0.1, 0.25  # little mass beyond [-1, 1] (P(x > 1) = 2e-4), so the continuous Gaussian fits the 8-bit data
@@ -88,6 +90,20 @@ def test_metric_inputs_are_checked():
         feature_statistics(np.zeros(5))
     with pytest.raises(ValueError, match="same D"):
         kernel_distance(np.zeros((10, 3)), np.zeros((10, 4)))
+
+
+def test_psnr_of_known_errors():
+    """10 log10(2^2 / MSE) per image (peak-to-peak 2 in [-1, 1]), then the mean over images: errors of +-0.1 and
+    0.02 everywhere give 10 log10(400) = 26.02 dB and 10 log10(10^4) = 40 dB; a reconstruction of 1.5 against 0.9 is
+    clipped to 1 first, an error of 0.1 again (unclipped: 10.46 dB)."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-0.8, 0.8, (3, 1, 4, 4)).astype(np.float32)
+    images[2] = 0.9
+    reconstructions = images.copy()
+    reconstructions[0] += 0.1 * rng.choice([-1.0, 1.0], (1, 4, 4)).astype(np.float32)
+    reconstructions[1] -= 0.02
+    reconstructions[2] = 1.5
+    assert psnr(reconstructions, images) == pytest.approx((2 * 10 * np.log10(400) + 40) / 3, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ bits per dimension

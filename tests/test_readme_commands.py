@@ -10,7 +10,7 @@ The default run (test_command_as_shown), for every command shown:
   parsed in turn), a training command's config loads with its overrides as written, and every file it reads
   exists or is made by a command shown;
 - then it runs as written, with only size overrides and PyNative mode appended (SIZE, tiny_train_overrides), in a
-  copy of the repository's layout (../shared beside it), and must exit with status 0. A file another command makes (the
+  copy of the repository's layout, and must exit with status 0. A file another command makes (the
   classifier) comes from running that command first; a checkpoint `<train.output_dir>/ckpt_<step>.ckpt`, or the run
   folder a `--resume` continues, from training that config with size overrides: each config is trained once (a
   run costs ten seconds or more), so other training commands of a config run with -m slow;
@@ -59,7 +59,8 @@ SIZE = {"ms-ddpm sample": ["--num", "4", "--batch-size", "4", "--steps", "2", "-
 # too long for the default run even with size overrides: run with -m slow, with these appended
 LONG = {"scripts/benchmark.py": ["--repeats", "1", "--warmup", "1", "--steps-per-repeat", "1", "--ddpm-steps", "2",
                                  "--batch-size", "2"],
-        "scripts/sampler_table.py": ["--num", "8", "--batch-size", "8", "--steps", "2"]}
+        "scripts/sampler_table.py": ["--num", "8", "--batch-size", "8", "--steps", "2"],
+        "scripts/background_speckle.py": ["--num", "4", "--batch-size", "4"]}
 
 
 @dataclass(frozen=True)
@@ -298,13 +299,11 @@ class Runner:
                         and not any(Path(p.name).match(pattern.rstrip("/")) for pattern in ignored)]
 
     def sandbox(self, stand_in_train=None):
-        """A fresh folder with the repository's files linked and ../shared beside it; with stand_in_train, a
-        scripts/ folder whose train.py is that code."""
+        """A fresh folder with the repository's files linked (nothing beside it: the commands read the digits the
+        package carries); with stand_in_train, a scripts/ folder whose train.py is that code."""
         self.count += 1
         repo = self.root / f"run{self.count}" / "repo"
         repo.mkdir(parents=True)
-        if (REPO.parent / "shared").exists():
-            (repo.parent / "shared").symlink_to(REPO.parent / "shared")
         for entry in self.entries:
             if entry.name == "scripts" and stand_in_train:
                 (repo / "scripts").mkdir()

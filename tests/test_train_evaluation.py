@@ -51,8 +51,6 @@ def checkpoint_arrays(path):
 def setting(tmp_path_factory):
     """A run evaluated at steps 3 and 4 (eval_every 3, and the last step) with the classifier trained on first use into a cache folder of its own;
     counts how often the test split is read and the sampling pipeline built."""
-    if not MNIST5K.is_dir():
-        pytest.skip(f"the mnist5k data set is not at {MNIST5K}")
     root = tmp_path_factory.mktemp("train_eval")
     data = write_digits(root / "digits")
     calls = {"real_images": 0, "pipelines": 0}

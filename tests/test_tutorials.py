@@ -57,14 +57,17 @@ def test_committed_notebook_has_no_outputs(path):
             assert cell.execution_count is None, f"{path.name}, cell {i}: execution_count is not null"
 
 
-# the notebooks whose full settings are the quick start's (03 trains it; 04 and 05 repeat its cell)
-QUICK_START_NOTEBOOKS = ["03_training.ipynb", "04_sampling.ipynb", "05_score_sde_samplers.ipynb"]
+# the notebooks whose full settings are a config's: the quick start's (03 trains it; 04 and 05 repeat its cell) and
+# the class-conditional quick start's (07)
+FULL_SETTINGS = {"03_training.ipynb": "unet_mnist5k_cpu.yaml", "04_sampling.ipynb": "unet_mnist5k_cpu.yaml",
+                 "05_score_sde_samplers.ipynb": "unet_mnist5k_cpu.yaml",
+                 "07_conditional_guidance.ipynb": "unet_mnist5k_cond_cpu.yaml"}
 
 
-@pytest.mark.parametrize("name", QUICK_START_NOTEBOOKS)
-def test_full_settings_are_the_quick_start_config(name):
-    """The notebooks say their full settings are configs/unet_mnist5k_cpu.yaml: the model, the diffusion and the
-    training recipe must not drift from it (the output folder, log interval and explicit defaults may differ)."""
+@pytest.mark.parametrize("name, config", FULL_SETTINGS.items())
+def test_full_settings_are_the_quick_start_config(name, config):
+    """The notebooks say their full settings are a config of configs/: the model, the diffusion and the training
+    recipe must not drift from it (the output folder, log interval and explicit defaults may differ)."""
     from ms_ddpm import Unet
     from ms_ddpm.config import Config
 
@@ -73,7 +76,7 @@ def test_full_settings_are_the_quick_start_config(name):
     scope = {"Config": Config, "SMALL": False, "DATA_ROOT": None, "print": lambda *a: None}
     exec(cell, scope)
     full = scope["cfg"].to_dict()
-    quick = Config.load(TUTORIALS.parent / "configs" / "unet_mnist5k_cpu.yaml").to_dict()
+    quick = Config.load(TUTORIALS.parent / "configs" / config).to_dict()
     # the same network: constructor arguments with the U-Net's defaults filled in
     defaults = {k: p.default for k, p in inspect.signature(Unet).parameters.items() if p.default is not p.empty}
     assert full["model"]["name"] == quick["model"]["name"] == "unet"
@@ -173,8 +176,6 @@ def test_notebook_runs_with_small_settings(path, kernel_dir, monkeypatch):
 def test_notebook_trains_the_model_itself_without_the_checkpoint_of_03(name, tmp_path, kernel_dir, monkeypatch):
     """Run alone, in an empty folder (a copy of the notebook, the data given by MS_DDPM_DATA), 04 and 05 train the
     model of 03 first."""
-    if not MNIST5K.is_dir():
-        pytest.skip(f"the mnist5k data set is not at {MNIST5K}")
     folder = tmp_path / "tutorials"
     folder.mkdir()
     shutil.copy(TUTORIALS / name, folder / name)

@@ -41,12 +41,13 @@ shard gets ceil(N / num_shards) images, the short ones padded by repeating image
 number of steps.
 
 Reading a pipeline:
-    for (x,) in dataset.create_tuple_iterator(num_epochs=1):          # x: ms.Tensor, float32, (B, C, H, W)
-        loss = train_step(x)
-    for x, y in create_dataset(..., labels=True).create_tuple_iterator(num_epochs=1):   # y: int32, (B,)
-        loss = train_step(x, y)
-    for row in dataset.create_dict_iterator(output_numpy=True, num_epochs=1):
-        row["image"]                                                   # np.ndarray, float32, (B, C, H, W)
+    for (x,) in iterate(dataset):                                     # x: np.ndarray, float32, (B, C, H, W)
+        loss = train_step(ms.Tensor(x))
+    for x, y in iterate(create_dataset(..., labels=True)):            # y: int32, (B,)
+        loss = train_step(ms.Tensor(x), ms.Tensor(y))
+`iterate` ends the pipeline (and its worker processes) however the loop ends; MindSpore's own iterators
+(`create_tuple_iterator`, `create_dict_iterator`) work too, but one left behind by an error can crash a later one
+(see `iterate`).
 The pipeline runs on the host, so it feeds a network the same way in PyNative and graph mode; `Model.train` can
 take it directly (its only column becomes the network's only input).
 """
@@ -59,7 +60,7 @@ import numpy as np
 from mindspore.dataset import transforms, vision
 from PIL import Image
 
-from ..utils import check_choice
+from ..utils import check_choice, check_int
 from .embedded import embedded_mnist_root
 from .fetch import download_dataset
 from .formats import CIFAR10_ARCHIVE_FOLDER, FILES, NATIVE_IMAGE_SIZE, SPLITS, file_problems
@@ -84,16 +85,6 @@ _DEFAULT_CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3, "folder": 3}
 _MAX_SEED = 2**31
 
 
-def _check_int(name, value, low, high=None):
-    """`value` if it is an int (not a bool) in [low, high), else a ValueError saying what is allowed."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
-        high is not None and value >= high
-    ):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
-    return int(value)
-
-
 def _check_shards(num_shards, shard_id):
     """(num_shards, shard_id), (1, 0) when both are None; a ValueError when only one is given or out of range."""
     if num_shards is None and shard_id is None:
@@ -103,8 +94,8 @@ def _check_shards(num_shards, shard_id):
             f"give both num_shards and shard_id (e.g. the device count and this device's rank) or neither, "
             f"got num_shards={num_shards!r}, shard_id={shard_id!r}"
         )
-    num_shards = _check_int("num_shards", num_shards, 1)
-    return num_shards, _check_int("shard_id", shard_id, 0, num_shards)
+    num_shards = check_int("num_shards", num_shards, 1)
+    return num_shards, check_int("shard_id", shard_id, 0, num_shards)
 
 
 def _missing_data_error(name, root, split, problems):
@@ -167,6 +158,24 @@ def pipeline_error(err):
     """
     found = re.findall(r"ImageReadError: (cannot read image .*)", str(err))
     return ImageReadError(found[-1]) if found else None
+
+
+def iterate(dataset):
+    """The batches of one epoch of a pipeline, as tuples of NumPy arrays, with the pipeline ended when the loop ends.
+
+    Use this instead of looping over `dataset.create_tuple_iterator()` directly. An iterator left to end by itself
+    (after an error, or a loop left early) lives on in a reference cycle (an error's traceback holds the frame that
+    holds it) until Python's cyclic garbage collector frees it, at a moment nobody chooses: if that moment falls in
+    a dataset worker process forked from this one later, the child tears down its copy of the parent's C++ pipeline
+    and crashes, and MindSpore's watchdog then terminates this process with SIGTERM ("Dataset worker process ... was
+    killed by signal: Segmentation fault. Main process will be terminated"). Stopping the iterator here ends the
+    pipeline and its worker processes at once, in this process, however the loop ends.
+    """
+    iterator = dataset.create_tuple_iterator(output_numpy=True, num_epochs=1)
+    try:
+        yield from iterator
+    finally:
+        iterator.stop()
 
 
 def list_images(root):
@@ -293,7 +302,7 @@ def _sampler(num_shards, shard_id, shuffle, seed):
         # The sampler copies the global dataset seed when it is built and uses `self.seed` when the pipeline
         # starts, so overriding the attribute seeds this pipeline alone (ms.dataset.config.set_seed would also
         # reseed Python's and NumPy's global generators).
-        sampler.seed = _check_int("seed", seed, 0, _MAX_SEED)
+        sampler.seed = check_int("seed", seed, 0, _MAX_SEED)
     return sampler
 
 
@@ -301,7 +310,7 @@ def create_array_dataset(arrays, columns, batch_size, shuffle=True, seed=None, n
     """A batched pipeline over in-memory arrays (e.g. a latent cache, `ms_ddpm.latent`), columns `columns`, with
     `create_dataset`'s sampler: the same shuffle, shards and seed give the same order of the same N indices.
     The last incomplete batch is dropped; `num_images` is set as by `create_dataset`."""
-    batch_size = _check_int("batch_size", batch_size, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     num_shards, shard_id = _check_shards(num_shards, shard_id)
     dataset = ds.NumpySlicesDataset(tuple(arrays), column_names=list(columns),
                                     sampler=_sampler(num_shards, shard_id, shuffle, seed))
@@ -386,11 +395,11 @@ def create_dataset(
     """
     check_choice("dataset", name, DATASETS)
     check_choice("split", split, SPLITS)
-    image_size = _check_int("image_size", image_size, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    image_size = check_int("image_size", image_size, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     if num_parallel_workers is None:
         num_parallel_workers = default_workers()
-    num_parallel_workers = min(_check_int("num_parallel_workers", num_parallel_workers, 1), os.cpu_count() or 1)
+    num_parallel_workers = min(check_int("num_parallel_workers", num_parallel_workers, 1), os.cpu_count() or 1)
     channels = _DEFAULT_CHANNELS[name] if channels is None else check_choice("channels", channels, (1, 3))
     num_shards, shard_id = _check_shards(num_shards, shard_id)
     columns = ["image", "label"] if labels else ["image"]

@@ -24,7 +24,7 @@ import mindspore.dataset as ds
 import numpy as np
 from mindspore import nn
 
-from ..data.datasets import to_model_input
+from ..data.datasets import iterate, to_model_input
 from ..data.embedded import cache_folder, embedded_mnist_root
 from ..data.formats import expected_files, file_problems
 from .features import MNISTClassifier, save_feature_extractor
@@ -46,7 +46,7 @@ def load_split(root, split, limit=None):
                                 + "; the data folder must hold the unpacked IDX files")
     reader = ds.MnistDataset(os.fspath(root), usage=split, shuffle=False, num_samples=limit)
     images, labels = [], []
-    for image, label in reader.create_tuple_iterator(output_numpy=True, num_epochs=1):
+    for image, label in iterate(reader):
         images.append(image)
         labels.append(label)
     return np.stack(images), np.asarray(labels, dtype=np.int32)

@@ -46,7 +46,7 @@ import mindspore as ms
 import numpy as np
 from scipy import linalg
 
-from ..data import create_dataset
+from ..data import create_dataset, iterate
 from ..pipeline import DiffusionPipeline, default_sampler
 from ..utils import check_int
 from .features import MNISTClassifier, load_feature_extractor
@@ -71,7 +71,7 @@ def real_images(cfg, data_root, split, batch_size, num=None, seed=None, labels=F
     if num is not None and num > dataset.num_images:
         raise ValueError(f"num={num} is more than the {dataset.num_images} images of the {split} split")
     columns = []
-    for batch in dataset.create_tuple_iterator(output_numpy=True, num_epochs=1):
+    for batch in iterate(dataset):
         columns.append(batch)
         if num is not None and sum(len(b[0]) for b in columns) >= num:
             break

@@ -198,7 +198,10 @@ class AutoencoderKL(nn.Cell):
         layers_per_block: ResNet blocks per encoder level (the decoder has one more per level).
         latent_channels: channels of z.
         norm_num_groups: GroupNorm groups; must divide every width.
-        scaling_factor: the diffusion model sees z * scaling_factor (0.18215 is Stable Diffusion 1.x/2.x's value).
+        scaling_factor: the diffusion model sees z * scaling_factor (0.18215 is Stable Diffusion 1.x/2.x's value,
+            diffusers' default, which a converted VAE's config sets); None (the default here): no factor of its own,
+            an autoencoder trained here, whose latents `latent.scaling_factor: auto` measures
+            (`ms_ddpm.latent.resolve_scaling_factor`).
 
     encode(x): (B, in_channels, H, W), H and W multiples of f -> (mean, logvar), each (B, latent_channels, H/f, W/f),
     logvar clamped to [-30, 20]. decode(z): (B, latent_channels, h, w) -> (B, out_channels, h*f, w*f), for z in the
@@ -212,7 +215,7 @@ class AutoencoderKL(nn.Cell):
     num_class_embeds = None
 
     def __init__(self, in_channels=3, out_channels=3, block_out_channels=(64,), layers_per_block=1,
-                 latent_channels=4, norm_num_groups=32, scaling_factor=0.18215):
+                 latent_channels=4, norm_num_groups=32, scaling_factor=None):
         super().__init__()
         if len(block_out_channels) < 1:
             raise ValueError("AutoencoderKL: block_out_channels needs at least one level, e.g. (128, 256, 512, 512)")
@@ -220,11 +223,11 @@ class AutoencoderKL(nn.Cell):
                             ("layers_per_block", layers_per_block), ("latent_channels", latent_channels)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"AutoencoderKL: {name} must be a positive integer, got {value!r}")
-        if not scaling_factor > 0:
+        if scaling_factor is not None and not scaling_factor > 0:
             raise ValueError(f"AutoencoderKL: scaling_factor must be positive, got {scaling_factor!r}")
         self.latent_channels = latent_channels
         self.downsample_factor = 2 ** (len(block_out_channels) - 1)
-        self.scaling_factor = float(scaling_factor)
+        self.scaling_factor = None if scaling_factor is None else float(scaling_factor)
         self.encoder = Encoder(in_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups)
         self.decoder = Decoder(latent_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups)
         # 1x1 convolutions around the latent, kept from the VQ-GAN layout (Esser et al. 2021), where they map into
@@ -259,6 +262,19 @@ class AutoencoderKL(nn.Cell):
                 raise ValueError(f"AutoencoderKL needs {key} = {levels} x {block_type} (one per block_out_channels "
                                  f"entry), config has {types}")
         return kwargs
+
+    @staticmethod
+    def diffusers_config(kwargs, scaling_factor, sample_size):
+        """The diffusers `AutoencoderKL` config dict (config.json) of constructor arguments `kwargs` (missing ones at
+        their defaults) with `scaling_factor`: the inverse of `diffusers_config_kwargs`. `sample_size` is the image
+        size above which diffusers' tiled decoding tiles (the training images')."""
+        args = {**_ARGUMENTS, **kwargs, "scaling_factor": float(scaling_factor)}
+        args["block_out_channels"] = list(args["block_out_channels"])
+        levels = len(args["block_out_channels"])
+        config = {"_class_name": "AutoencoderKL", **args, "sample_size": sample_size}
+        config.update({key: [block_type] * levels for key, block_type in _BLOCK_TYPES.items()})
+        config.update({key: required for key, (_, required) in _FIXED_OPTIONS.items()})
+        return config
 
     def check_image_size(self, height, width):
         """Refuse (ValueError) an image size that is not a multiple of f = 2**(levels - 1) (the decoder would not

@@ -10,7 +10,7 @@ DownBlock2D / AttnDownBlock2D / DownBlock2D / DownBlock2D, layers_per_block 2, n
 flip_sin_to_cos False, freq_shift 1, downsample_padding 0, attention_head_dim None). Converting its weights is
 therefore a rename of GroupNorm ``weight``/``bias`` to ``gamma``/``beta`` (and of the legacy attention names
 ``query``/``key``/``value``/``proj_attn`` to ``to_q``/``to_k``/``to_v``/``to_out.0``); see
-`convert_diffusers_state_dict` and `load_diffusers_weights`.
+`convert_diffusers_state_dict` and `load_diffusers_weights`, and `to_diffusers_state_dict` for the way back.
 
 Shapes: images are (B, C, H, W), timesteps (B,) integers, the output is the epsilon prediction (B, C_out, H, W).
 """
@@ -22,8 +22,9 @@ from ..utils import check_halvable, check_int
 from .convolution import Conv2d
 from .embeddings import add_class_embedding, class_embedding_table, timestep_embedding
 from .normalization import GroupNorm
+from .softmax import Softmax
 
-__all__ = ["DDPMUNet", "convert_diffusers_state_dict", "load_diffusers_weights"]
+__all__ = ["DDPMUNet", "convert_diffusers_state_dict", "load_diffusers_weights", "to_diffusers_state_dict"]
 
 
 def _conv3x3(in_channels, out_channels):
@@ -81,6 +82,7 @@ class AttentionBlock(nn.Cell):
         # A CellList so that the projection is named `to_out.0`, like diffusers' [Linear, Dropout] ModuleList.
         self.to_out = nn.CellList([nn.Dense(channels, channels)])
         self.scale = float(channels) ** -0.5
+        self.softmax = Softmax()  # float32 (diffusers' upcast_softmax), so that half-precision runs do not saturate
 
     def construct(self, x):
         b, c, height, width = x.shape
@@ -89,8 +91,7 @@ class AttentionBlock(nn.Cell):
         k = self.to_k(h)
         v = self.to_v(h)
         scores = ops.bmm(q, k.transpose(0, 2, 1)) * self.scale  # (B, N, N)
-        # Softmax in float32 (diffusers' upcast_softmax) so that half-precision runs do not saturate.
-        weights = ops.softmax(scores.astype(ms.float32), axis=-1).astype(v.dtype)
+        weights = self.softmax(scores).astype(v.dtype)
         out = self.to_out[0](ops.bmm(weights, v))
         return x + out.transpose(0, 2, 1).reshape(b, c, height, width)
 
@@ -244,6 +245,13 @@ class DDPMUNet(nn.Cell):
     def __init__(self, in_channels=3, out_channels=None, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
                  attn_resolutions=(16,), image_size=32, dropout=0.1, num_groups=32, eps=1e-6, num_class_embeds=None):
         super().__init__()
+        # a YAML override such as ch=abc would otherwise fail deep inside a layer with an unrelated message
+        sizes = [("in_channels", in_channels), ("ch", ch), ("num_res_blocks", num_res_blocks),
+                 ("image_size", image_size), ("num_groups", num_groups)]
+        sizes += [(f"ch_mult[{i}]", m) for i, m in enumerate(ch_mult)]
+        sizes += [("out_channels", out_channels)] if out_channels is not None else []
+        for name, value in sizes:
+            check_int(name, value, 1)
         if num_class_embeds is not None:
             num_class_embeds = check_int("num_class_embeds", num_class_embeds, 1)
         if len(ch_mult) < 1:
@@ -405,3 +413,20 @@ def load_diffusers_weights(net, state_dict):
             f"unused: {_name_list(sorted(ckpt_not_loaded))}."
         )
     return net
+
+
+def to_diffusers_state_dict(net):
+    """`net`'s parameters (a DDPMUNet, AutoencoderKL, ...) under diffusers' names, name -> float32 np.ndarray: the
+    inverse of `convert_diffusers_state_dict` (the current attention names), through the same tables."""
+    embedding_names = {ours: theirs for theirs, ours in _EMBEDDING_PARAMS.items()}
+    norm_params = {ours: theirs for theirs, ours in _NORM_PARAMS.items()}
+    state_dict = {}
+    for p in net.get_parameters():
+        name = embedding_names.get(p.name)
+        if name is None:
+            module, _, param = p.name.rpartition(".")
+            if module.rpartition(".")[2] in _NORM_MODULES:
+                param = norm_params.get(param, param)
+            name = f"{module}.{param}"
+        state_dict[name] = p.asnumpy().astype(np.float32)
+    return state_dict

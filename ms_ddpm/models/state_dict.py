@@ -2,8 +2,7 @@
 and the steps the diffusers converters in `scripts/` share (config file, output folder, strict load and save).
 
 `safetensors` and `torch` are imported only when a file of their format is read, MindSpore only when a network is
-saved: ms_ddpm itself needs neither torch nor safetensors, and a bad argument is reported without MindSpore's
-start-up time.
+saved: ms_ddpm itself never needs torch (diffusers' `.safetensors` files are read as NumPy).
 """
 import json
 import os

@@ -151,7 +151,7 @@ class Attention(nn.Cell):
         b, _, h, w = x.shape
         q, k, v = _split_heads(self.to_qkv(x), self.heads)
         sim = _matmul_tn(q * self.scale, k)  # q^T k: (B, heads, N, N)
-        attn = self.softmax(sim)
+        attn = self.softmax(sim).astype(v.dtype)  # float32 out of the float32 Softmax cell under mixed precision
         out = _matmul_nt(v, attn)  # v attn^T: (B, heads, d, N), already channels-first
         return self.to_out(out.reshape(b, -1, h, w))
 
@@ -173,8 +173,8 @@ class LinearAttention(nn.Cell):
         q, k, v = _split_heads(self.to_qkv(x), self.heads)
         # q's softmax runs over features: moved to the last axis, because MindSpore's CPU softmax and its gradient's
         # reductions over a middle axis cost several times one transpose plus a last-axis softmax
-        q = self.softmax(q.swapaxes(-1, -2)) * self.scale  # (B, heads, N, d)
-        k = self.softmax(k)
+        q = self.softmax(q.swapaxes(-1, -2)).astype(v.dtype) * self.scale  # (B, heads, N, d)
+        k = self.softmax(k).astype(v.dtype)
         context = _matmul_nt(k, v)  # k v^T: (B, heads, d, e)
         out = _matmul_tt(context, q)  # context^T q^T: (B, heads, e, N)
         return self.to_out(out.reshape(b, -1, h, w))
@@ -274,6 +274,13 @@ class Unet(nn.Cell):
                  attention_levels=None, cross_attention_levels=()):
         super().__init__()
         check_choice("block_type", block_type, BLOCK_TYPES)
+        # a YAML override such as dim=abc would otherwise fail deep inside a layer with an unrelated message
+        sizes = [("dim", dim), ("channels", channels), ("resnet_block_groups", resnet_block_groups),
+                 ("heads", heads), ("dim_head", dim_head)]
+        sizes += [(f"dim_mults[{i}]", m) for i, m in enumerate(dim_mults)]
+        sizes += [(name, value) for name, value in (("init_dim", init_dim), ("out_dim", out_dim)) if value is not None]
+        for name, value in sizes:
+            check_int(name, value, 1)
         if num_classes is not None:
             num_classes = check_int("num_classes", num_classes, 1)
         cross_attention_levels = _check_cross_attention(context_dim, cross_attention_levels, num_classes,

@@ -12,8 +12,9 @@ logged (`evaluation.ReconstructionEvaluation`).
 
 Latent diffusion (`latent.autoencoder`): the trainer loads the autoencoder, encodes the training split once into a
 latent cache (`ms_ddpm.latent`; the posterior means), resolves `latent.scaling_factor: auto` to 1 / std of those
-latents and stores it and the autoencoder's arguments in the run's config; the denoising network trains on batches of
-the cache and the autoencoder's weights go into every checkpoint, so sampling decodes from the checkpoint alone.
+latents (for a converted VAE: its own factor) and stores it and the autoencoder's arguments in the run's config; the
+denoising network trains on batches of the cache and the autoencoder's weights go into every checkpoint, so sampling
+decodes from the checkpoint alone.
 
 Class conditioning: a class-conditional model (`model.kwargs.num_classes` for the U-Net) trains on the data's labels,
 whose class names go into the run's config (`data.class_names`) and so into every checkpoint; with
@@ -54,11 +55,13 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
 from ..config import AutoencoderConfig, Config, ConfigError, DiffusionConfig
-from ..data import create_dataset
-from ..latent import FirstStage, auto_scaling_factor, diffusion_shape, encode_split, load_autoencoder
+from ..data import create_dataset, iterate
+from ..guidance import trained_null_label
+from ..latent import FirstStage, diffusion_shape, encode_split, load_autoencoder, resolve_scaling_factor
 from ..losses import AutoencoderLoss, DiffusionLoss, NCSNLoss
 from ..metrics.evaluate import real_images
-from ..models import AutoencoderKL, apply_batched, create_model, recompute_blocks
+from ..models import FLOAT32_CELLS, AutoencoderKL, apply_batched, create_model, recompute_blocks
+from ..models.softmax import Softmax
 from ..pipeline import DiffusionPipeline, build_sampler, check_class_rows, check_image_size
 from ..processes import create_process
 from ..runtime import set_runtime
@@ -155,8 +158,9 @@ class StopSignals:
 
 
 def mixed_precision(model, amp_level, dtype):
-    """`model` at mixed-precision `amp_level` in `dtype`, with every GroupNorm kept in float32 (as mindone keeps
-    nn.GroupNorm among its float32 cells; Ascend's aclnnGroupNorm wants input and weights of one dtype).
+    """`model` at mixed-precision `amp_level` in `dtype`, with the cells of FLOAT32_CELLS in float32: every GroupNorm
+    (as mindone keeps nn.GroupNorm among its float32 cells; Ascend's aclnnGroupNorm wants input and weights of one
+    dtype) and every attention's softmax.
 
     The returned network is the one to train: `amp.auto_mixed_precision` wraps the network at O2 and O3. O1 is
     MindSpore's white list applied per Cell (its convolutions and dense layers in `dtype`), as MindSpore did before
@@ -170,8 +174,11 @@ def mixed_precision(model, amp_level, dtype):
                 cell.to_float(dtype)
     else:
         model = amp.auto_mixed_precision(model, amp_level, dtype)
+    # At O1 no softmax runs in float16 (its cell is not on the white list); set to float32 there, its float32
+    # gradient would meet float16 ones in the graph's sums
+    float32_cells = FLOAT32_CELLS if amp_level != "O1" else tuple(c for c in FLOAT32_CELLS if c is not Softmax)
     for _, cell in model.cells_and_names():
-        if isinstance(cell, nn.GroupNorm):
+        if isinstance(cell, float32_cells):
             cell.to_float(ms.float32)
     return model
 
@@ -231,8 +238,7 @@ class Trainer:
         self.first_stage, self.latents = self._encode_latents() if cfg.latent.autoencoder else (None, None)
         self.process = create_process(cfg.diffusion, latent=self.first_stage is not None)
         check_image_size(self.model, cfg)
-        # the null label is the row after the classes (Unet(num_classes=N): row N); used only with label dropout
-        self.null_label = len(cfg.data.class_names) if self.conditional else None
+        self.null_label = trained_null_label(self.model, cfg)  # None without label dropout
         if t.recompute:
             recompute_blocks(self.model)
         if t.amp_level != "O0":
@@ -314,8 +320,8 @@ class Trainer:
 
     def _encode_latents(self):
         """Load latent.autoencoder, check it fits the data and the network, encode the training split once, resolve
-        scaling_factor auto; fills latent.autoencoder_kwargs and latent.scaling_factor in the config. Returns
-        (FirstStage, LatentCache)."""
+        scaling_factor (`resolve_scaling_factor`: auto is a converted VAE's own factor, else 1 / std); fills
+        latent.autoencoder_kwargs and latent.scaling_factor in the config. Returns (FirstStage, LatentCache)."""
         cfg, lat = self.cfg, self.cfg.latent
         autoencoder, kwargs = load_autoencoder(lat.autoencoder)
         if lat.autoencoder_kwargs is not None and lat.autoencoder_kwargs != kwargs:
@@ -335,8 +341,7 @@ class Trainer:
                               f"{autoencoder.latent_channels}")
         lat.autoencoder_kwargs = kwargs
         cache = encode_split(autoencoder, cfg.data, "train", labels=self.conditional)
-        if lat.scaling_factor == "auto":
-            lat.scaling_factor = auto_scaling_factor(cache.latents)
+        lat.scaling_factor = resolve_scaling_factor(lat.scaling_factor, autoencoder, lambda: cache.latents)
         if self.rank == 0:
             print(f"latent cache: {cache.latents.shape[0]} latents of {cache.latents.shape[1:]}, std "
                   f"{cache.latents.std():.4f} (posterior std {cache.posterior_std:.4f}), scaling_factor "
@@ -414,7 +419,7 @@ class Trainer:
             ds = epoch_pipeline(epoch)
         ds = ds.skip(skip) if skip else ds
         while True:
-            for batch in ds.create_tuple_iterator(output_numpy=True, num_epochs=1):
+            for batch in iterate(ds):
                 yield batch if self.conditional else (batch[0], None)
             epoch += 1
             ds = epoch_pipeline(epoch)

@@ -14,3 +14,11 @@ inline int64_t numel(int ndim, const int64_t *shape) {
 }
 
 }  // namespace ms_ddpm
+
+// Defines the exported AOT entry `name`, which hands params, ndims, shapes and dtypes to `impl` (parenthesised when
+// it holds a comma, e.g. a template's arguments) and ignores the stream and extra arguments, unused on CPU.
+#define MS_DDPM_AOT_ENTRY(name, impl)                                                                        \
+  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,   \
+                      void *) {                                                                              \
+    return impl(nparam, params, ndims, shapes, dtypes);                                                     \
+  }

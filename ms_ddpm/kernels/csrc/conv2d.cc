@@ -22,6 +22,7 @@
 #include <cstring>
 #include <vector>
 
+#include "aot.h"
 #include "parallel.h"
 
 namespace {
@@ -244,18 +245,12 @@ int backward(int nparam, void **params, int *ndims, int64_t **shapes, const char
 
 }  // namespace
 
-#define MS_DDPM_CONV_ENTRY(name, impl)                                                                         \
-  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,     \
-                      void *) {                                                                                \
-    return impl(nparam, params, ndims, shapes, dtypes);                                                       \
-  }
-
-MS_DDPM_CONV_ENTRY(Conv2dForward, (forward<true, false>))
-MS_DDPM_CONV_ENTRY(Conv2dBackward, (backward<true, false>))
-MS_DDPM_CONV_ENTRY(Conv2dNoBiasForward, (forward<false, false>))
-MS_DDPM_CONV_ENTRY(Conv2dNoBiasBackward, (backward<false, false>))
-MS_DDPM_CONV_ENTRY(Conv2dStandardizedForward, (forward<true, true>))
-MS_DDPM_CONV_ENTRY(Conv2dStandardizedBackward, (backward<true, true>))
+MS_DDPM_AOT_ENTRY(Conv2dForward, (forward<true, false>))
+MS_DDPM_AOT_ENTRY(Conv2dBackward, (backward<true, false>))
+MS_DDPM_AOT_ENTRY(Conv2dNoBiasForward, (forward<false, false>))
+MS_DDPM_AOT_ENTRY(Conv2dNoBiasBackward, (backward<false, false>))
+MS_DDPM_AOT_ENTRY(Conv2dStandardizedForward, (forward<true, true>))
+MS_DDPM_AOT_ENTRY(Conv2dStandardizedBackward, (backward<true, true>))
 
 // Finds oneDNN's sgemm in the library at `path` (MindSpore's own libdnnl.so.2: the process shares one copy with
 // MindSpore's CPU backend); 1 on success. The convolutions fail (return 1 to MindSpore) until this succeeded.

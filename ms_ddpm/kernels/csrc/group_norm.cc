@@ -248,17 +248,11 @@ int backward(int nparam, void **params, int *ndims, int64_t **shapes, const char
 
 }  // namespace
 
-#define MS_DDPM_GROUP_NORM_ENTRY(name, impl)                                                                    \
-  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, \
-                      void *) {                                                                                  \
-    return impl(nparam, params, ndims, shapes, dtypes);                                                        \
-  }
-
-MS_DDPM_GROUP_NORM_ENTRY(GroupNormForward, (forward<false, false>))
-MS_DDPM_GROUP_NORM_ENTRY(GroupNormBackward, (backward<false, false>))
-MS_DDPM_GROUP_NORM_ENTRY(GroupNormSiluForward, (forward<false, true>))
-MS_DDPM_GROUP_NORM_ENTRY(GroupNormSiluBackward, (backward<false, true>))
-MS_DDPM_GROUP_NORM_ENTRY(GroupNormFilmForward, (forward<true, false>))
-MS_DDPM_GROUP_NORM_ENTRY(GroupNormFilmBackward, (backward<true, false>))
-MS_DDPM_GROUP_NORM_ENTRY(GroupNormFilmSiluForward, (forward<true, true>))
-MS_DDPM_GROUP_NORM_ENTRY(GroupNormFilmSiluBackward, (backward<true, true>))
+MS_DDPM_AOT_ENTRY(GroupNormForward, (forward<false, false>))
+MS_DDPM_AOT_ENTRY(GroupNormBackward, (backward<false, false>))
+MS_DDPM_AOT_ENTRY(GroupNormSiluForward, (forward<false, true>))
+MS_DDPM_AOT_ENTRY(GroupNormSiluBackward, (backward<false, true>))
+MS_DDPM_AOT_ENTRY(GroupNormFilmForward, (forward<true, false>))
+MS_DDPM_AOT_ENTRY(GroupNormFilmBackward, (backward<true, false>))
+MS_DDPM_AOT_ENTRY(GroupNormFilmSiluForward, (forward<true, true>))
+MS_DDPM_AOT_ENTRY(GroupNormFilmSiluBackward, (backward<true, true>))
