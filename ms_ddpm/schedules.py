@@ -20,8 +20,7 @@ third of the signal's amplitude and sampling from pure noise starts off-distribu
 The samplers of Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models") see a
 VP chain through its noise levels sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), the std of the noise in
 x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps (their Table 1, VP column): `timestep_sigmas` and `sigma_timesteps`
-convert between the two views as diffusers does (`alpha_bar_at` gives alpha_bar at fractional timesteps), and
-`karras_sigmas` is their step grid (Eq. 5).
+convert between the two views as diffusers does, and `karras_sigmas` is their step grid (Eq. 5).
 """
 import math
 
@@ -106,12 +105,6 @@ def timestep_sigmas(alphas_cumprod, timesteps):
     sigma between the training timesteps (diffusers' `np.interp`), float64."""
     sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
     return np.interp(np.asarray(timesteps, dtype=np.float64), np.arange(len(sigmas)), sigmas)
-
-
-def alpha_bar_at(alphas_cumprod, timesteps):
-    """alpha_bar at (possibly fractional) timesteps, 1 / (1 + sigma(t)^2) with `timestep_sigmas`' interpolation: the
-    training table itself at integers, and what a network told a fractional timestep is asked about."""
-    return 1.0 / (1.0 + timestep_sigmas(alphas_cumprod, timesteps) ** 2)
 
 
 def sigma_timesteps(alphas_cumprod, sigmas):

@@ -24,6 +24,18 @@ def check_int(name, value, low, high=None):
     return int(value)
 
 
+def check_sizes(**sizes):
+    """Each keyword argument an integer >= 1 (a list or tuple: each entry, named name[i]; None: unset, not checked),
+    else the ValueError of `check_int`: a network's sizes checked before any layer is built, where a YAML override
+    such as dim=abc would otherwise fail with an unrelated message."""
+    for name, value in sizes.items():
+        listed = isinstance(value, (list, tuple))
+        entries = [(f"{name}[{i}]", v) for i, v in enumerate(value)] if listed else [(name, value)]
+        for entry, v in entries:
+            if v is not None:
+                check_int(entry, v, 1)
+
+
 def check_halvable(network, height, width, halvings, knob):
     """Raise a ValueError unless a height x width image can be halved `halvings` times (by `network`, a name, whose
     constructor argument `knob` sets how often); the message names both fixes."""

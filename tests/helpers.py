@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ms_ddpm.data.embedded import embedded_mnist_root
+from ms_ddpm.schedules import timestep_sigmas
 
 # The real MNIST digits the package carries (ms_ddpm/data/mnist5k: 4,000 train + 1,000 test), as the folder of
 # unpacked IDX files that `create_dataset("mnist", root=None)` reads: the suite needs nothing beside the repository.
@@ -96,6 +97,12 @@ def assert_same_network(net, params_a, params_b, *inputs):
             p.set_data(ms.Tensor(value))
         outputs.append(net(*inputs).asnumpy())
     np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
+def alpha_bar_at(alphas_cumprod, timesteps):
+    """alpha_bar at (possibly fractional) timesteps, 1 / (1 + sigma(t)^2) with `timestep_sigmas`' interpolation: the
+    training table itself at integers, and what an exact model told a fractional timestep (Euler family) answers."""
+    return 1.0 / (1.0 + timestep_sigmas(alphas_cumprod, timesteps) ** 2)
 
 
 def numpy_state_dict(model):

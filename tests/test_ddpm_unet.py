@@ -9,6 +9,7 @@ import json
 import mindspore as ms
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from ms_ddpm.models.ddpm_unet import DDPMUNet, convert_diffusers_state_dict, load_diffusers_weights
 from tests.helpers import assert_matches_reference as assert_matches
@@ -240,9 +241,8 @@ def test_converter_missing_file(tmp_path):
 
 
 def test_converter_mismatched_keys(random_net, tmp_path):
-    safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="safetensors writes the test input")
     weights = tmp_path / "model.safetensors"
-    safetensors_numpy.save_file({p.name: p.asnumpy() for p in random_net.get_parameters()}, str(weights))
+    save_file({p.name: p.asnumpy() for p in random_net.get_parameters()}, str(weights))
     config = tmp_path / "config.json"
     config.write_text(json.dumps(dict(TINY_DIFFUSERS_CONFIG, layers_per_block=2)))  # one ResNet block too many
     result = run_script("convert_diffusers_unet", "--input", str(weights), "--config", str(config),

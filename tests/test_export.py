@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 from ms_ddpm.checkpoint import save_checkpoint
 from ms_ddpm.cli import main as cli_main
 from ms_ddpm.config import Config
-from ms_ddpm.data import create_dataset
+from ms_ddpm.data import create_dataset, iterate
 from ms_ddpm.diffusers_format import ConversionError
 from ms_ddpm.export import export_checkpoint
 from ms_ddpm.models import create_model
@@ -248,8 +248,7 @@ def test_autoencoder_export_carries_the_scaling_factor_of_its_latents(autoencode
     torch, diffusers = import_torch_reference()
     _, folder, scale = autoencoder_export
     assert json.loads((folder / "config.json").read_text())["scaling_factor"] == scale
-    digits = next(create_dataset("mnist", None, "train", 8, 1, 4000, shuffle=False)
-                  .create_tuple_iterator(output_numpy=True, num_epochs=1))[0]
+    (digits,), = iterate(create_dataset("mnist", None, "train", 8, 1, 4000, shuffle=False))
     vae = diffusers.AutoencoderKL.from_pretrained(str(folder)).eval()
     with torch.no_grad():
         latents = vae.encode(torch.from_numpy(digits)).latent_dist.mean.double()

@@ -9,7 +9,8 @@ from mindspore import nn, ops
 from ms_ddpm.guidance import ClassifierFreeGuidance
 from ms_ddpm.processes import VPSDE, GaussianDiffusion, predict_eps, predict_x0
 from ms_ddpm.samplers import DIFFUSION_SAMPLERS, create_sampler
-from ms_ddpm.schedules import alpha_bar_at, get_beta_schedule
+from ms_ddpm.schedules import get_beta_schedule
+from tests.helpers import alpha_bar_at
 
 NUM_CLASSES = 3  # labels 0..2, the null label 3
 SHAPE = (4, 1, 3, 3)

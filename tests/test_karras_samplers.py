@@ -20,9 +20,9 @@ from ms_ddpm.processes import VESDE, GaussianDiffusion
 from ms_ddpm.samplers import (DIFFUSION_SAMPLERS, NCSN_SAMPLERS, EulerAncestralSampler, EulerSampler, HeunSampler,
                               create_sampler)
 from ms_ddpm.samplers.base import FusedStep
-from ms_ddpm.schedules import alpha_bar_at, get_beta_schedule, karras_sigmas, sigma_timesteps, timestep_sigmas
+from ms_ddpm.schedules import get_beta_schedule, karras_sigmas, sigma_timesteps, timestep_sigmas
 from ms_ddpm.train.trainer import Trainer
-from tests.helpers import execution_mode, import_torch_reference
+from tests.helpers import alpha_bar_at, execution_mode, import_torch_reference
 from tests.test_ncsn_training import ncsn_config, run_cli
 from tests.test_samplers import PREDICTION_TYPES, CellModel, dummy_model
 from tests.test_score_samplers import MU, S, TOL_MEAN, TOL_STD, exact_eps_model, linear_diffusion

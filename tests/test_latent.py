@@ -18,7 +18,7 @@ from mindspore import nn
 from ms_ddpm.checkpoint import load_checkpoint
 from ms_ddpm.cli import main as cli_main
 from ms_ddpm.config import Config
-from ms_ddpm.data import create_dataset
+from ms_ddpm.data import create_dataset, iterate
 from ms_ddpm.latent import FirstStage, LatentCache, _Encoder, auto_scaling_factor, encode_split, load_autoencoder
 from ms_ddpm.losses import AutoencoderLoss
 from ms_ddpm.metrics.reconstruction import psnr
@@ -191,8 +191,7 @@ def test_the_diffusion_sees_z_times_the_factor_and_first_stage_decodes_z_over_it
     ms.set_seed(0)
     ae = AutoencoderKL(**AE_KWARGS)
     latents = np.random.default_rng(0).standard_normal((6, 2, 4, 4)).astype(np.float32)
-    batch = next(LatentCache(latents, None, 0.0).dataset(6, 7.5, shuffle=False)
-                 .create_tuple_iterator(output_numpy=True, num_epochs=1))[0]
+    (batch,), = iterate(LatentCache(latents, None, 0.0).dataset(6, 7.5, shuffle=False))
     np.testing.assert_allclose(batch, latents * 7.5, rtol=1e-6)
     images = ae.decode(ms.Tensor(latents)).asnumpy()
     np.testing.assert_allclose(FirstStage(ae, 7.5)(ms.Tensor(batch)).asnumpy(), images, rtol=1e-5, atol=1e-5)

@@ -68,7 +68,7 @@ def test_o2_graph_runs_convolutions_in_float16_and_norms_softmax_loss_in_float32
 
 
 def test_o3_runs_with_norms_and_loss_in_float32(tmp_path):
-    """O3 (every cell in float16 but the GroupNorms, which the trainer keeps in float32), PyNative: the network runs
+    """O3 (every cell in float16 but the GroupNorms and softmaxes, which the trainer keeps in float32), PyNative: the network runs
     in float16 (every dense layer's output), yet every GroupNorm kernel is handed float32 and the loss is the float64
     mean squared error of the network's output to float32 rounding (1e-6; float16 arithmetic would be off by ~1e-3);
     the loss and every gradient are finite."""

@@ -382,8 +382,7 @@ def create_dataset(
     Returns:
         A `mindspore.dataset` pipeline with the column "image" (and "label" with labels=True); `get_dataset_size()` is the number of batches per epoch on this shard, and
         the extra attribute `num_images` the number of images this shard reads per epoch (before dropping the
-        remainder). Iterate it with `create_tuple_iterator()` (ms.Tensor batches) or
-        `create_dict_iterator(output_numpy=True)` (NumPy), see the module docstring.
+        remainder). Read it with `iterate(dataset)` (tuples of NumPy arrays), see the module docstring.
 
     Raises:
         ValueError: unknown name, split or channels, bad sizes or shard ids, malformed dataset files, a shard

@@ -12,13 +12,14 @@ therefore a rename of GroupNorm ``weight``/``bias`` to ``gamma``/``beta`` (and o
 ``query``/``key``/``value``/``proj_attn`` to ``to_q``/``to_k``/``to_v``/``to_out.0``); see
 `convert_diffusers_state_dict` and `load_diffusers_weights`, and `to_diffusers_state_dict` for the way back.
 
-Shapes: images are (B, C, H, W), timesteps (B,) integers, the output is the epsilon prediction (B, C_out, H, W).
+Shapes: images are (B, C, H, W), timesteps (B,) integers or floats, the output is the epsilon prediction
+(B, C_out, H, W).
 """
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ..utils import check_halvable, check_int
+from ..utils import check_halvable, check_int, check_sizes
 from .convolution import Conv2d
 from .embeddings import add_class_embedding, class_embedding_table, timestep_embedding
 from .normalization import GroupNorm
@@ -235,7 +236,8 @@ class DDPMUNet(nn.Cell):
             ``class_embedding``. Classifier-free guidance needs a null row: K = classes + 1, the last row null.
 
     construct(x, t, cond=None): x (B, in_channels, H, W) with H and W multiples of ``2**(len(ch_mult) - 1)``, t (B,)
-    integer timesteps, cond (B,) int32 labels in [0, K) (required when num_class_embeds is set, refused otherwise)
+    timesteps (integers, or floats from the Euler family's samplers), cond (B,) int32 labels in [0, K) (required
+    when num_class_embeds is set, refused otherwise)
     -> (B, out_channels, H, W).
     """
 
@@ -245,13 +247,8 @@ class DDPMUNet(nn.Cell):
     def __init__(self, in_channels=3, out_channels=None, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
                  attn_resolutions=(16,), image_size=32, dropout=0.1, num_groups=32, eps=1e-6, num_class_embeds=None):
         super().__init__()
-        # a YAML override such as ch=abc would otherwise fail deep inside a layer with an unrelated message
-        sizes = [("in_channels", in_channels), ("ch", ch), ("num_res_blocks", num_res_blocks),
-                 ("image_size", image_size), ("num_groups", num_groups)]
-        sizes += [(f"ch_mult[{i}]", m) for i, m in enumerate(ch_mult)]
-        sizes += [("out_channels", out_channels)] if out_channels is not None else []
-        for name, value in sizes:
-            check_int(name, value, 1)
+        check_sizes(in_channels=in_channels, ch=ch, num_res_blocks=num_res_blocks, image_size=image_size,
+                    num_groups=num_groups, ch_mult=ch_mult, out_channels=out_channels)
         if num_class_embeds is not None:
             num_class_embeds = check_int("num_class_embeds", num_class_embeds, 1)
         if len(ch_mult) < 1:

@@ -1,8 +1,8 @@
 """Reading PyTorch-side weight files (diffusers' `.safetensors`, torch `.bin` / `.pt` / `.pth` state dicts) as NumPy,
 and the steps the diffusers converters in `scripts/` share (config file, output folder, strict load and save).
 
-`safetensors` and `torch` are imported only when a file of their format is read, MindSpore only when a network is
-saved: ms_ddpm itself never needs torch (diffusers' `.safetensors` files are read as NumPy).
+`torch` is imported only when a torch file is read, MindSpore only when a network is saved: ms_ddpm itself never
+needs torch (diffusers' `.safetensors` files are read as NumPy, with `safetensors`, an install requirement).
 """
 import json
 import os
@@ -20,10 +20,8 @@ def read_state_dict(path):
     if not os.path.isfile(path):
         raise StateDictError(f"input file not found: {path}")
     if path.endswith(".safetensors"):
-        try:
-            from safetensors.numpy import load_file
-        except ImportError:
-            raise StateDictError(f"reading {path} needs safetensors (pip install safetensors)") from None
+        from safetensors.numpy import load_file
+
         try:
             return load_file(path)
         except Exception as e:  # safetensors reports corrupt files with its own exception type

@@ -15,7 +15,7 @@ middle block always holds one, as here).
 import mindspore as ms
 from mindspore import nn, ops
 
-from ..utils import check_choice, check_halvable, check_int
+from ..utils import check_choice, check_halvable, check_int, check_sizes
 from .context_encoder import ClassEmbedder
 from .convolution import Conv2d, conv2d
 from .embeddings import SinusoidalPositionEmbeddings, add_class_embedding, class_embedding_table
@@ -274,13 +274,8 @@ class Unet(nn.Cell):
                  attention_levels=None, cross_attention_levels=()):
         super().__init__()
         check_choice("block_type", block_type, BLOCK_TYPES)
-        # a YAML override such as dim=abc would otherwise fail deep inside a layer with an unrelated message
-        sizes = [("dim", dim), ("channels", channels), ("resnet_block_groups", resnet_block_groups),
-                 ("heads", heads), ("dim_head", dim_head)]
-        sizes += [(f"dim_mults[{i}]", m) for i, m in enumerate(dim_mults)]
-        sizes += [(name, value) for name, value in (("init_dim", init_dim), ("out_dim", out_dim)) if value is not None]
-        for name, value in sizes:
-            check_int(name, value, 1)
+        check_sizes(dim=dim, channels=channels, resnet_block_groups=resnet_block_groups, heads=heads,
+                    dim_head=dim_head, dim_mults=dim_mults, init_dim=init_dim, out_dim=out_dim)
         if num_classes is not None:
             num_classes = check_int("num_classes", num_classes, 1)
         cross_attention_levels = _check_cross_attention(context_dim, cross_attention_levels, num_classes,

@@ -95,6 +95,13 @@ class Sampler:
         """x_t ~ q(x_t | x_0) (Ho et al. Eq. 4) for a (B,) int tensor of timesteps."""
         return self.process.q_sample(original_samples, timesteps, noise)
 
+    def _check_call(self, timestep, expected):
+        """Refuse a `step` call out of order: `expected` is the timestep of call `self._step_index` of samplers whose
+        step depends on the call order (None: past the last call)."""
+        if expected is None or expected != timestep:
+            raise ValueError(f"step called out of order: call {self._step_index} got timestep {timestep} "
+                             "(call set_timesteps to restart)")
+
     def input_scale(self, timestep):
         """The factor `scale_model_input` applies at `timestep` (a float), or None: the sample is the input."""
         return None

@@ -101,10 +101,10 @@ class DPMSolverSampler(Sampler):
 
     def step(self, model_output, timestep, sample, noise=None):
         # 1. which call this is; this and the next level's alpha, sigma, lambda (the data after the last)
-        k = 0 if timestep == self.timesteps[0] else self._step_index
-        if k >= len(self.timesteps) or self.timesteps[k] != timestep:
-            raise ValueError(f"step called out of order: call {k} got timestep {timestep} "
-                             "(call set_timesteps to restart)")
+        if timestep == self.timesteps[0]:
+            self._step_index = 0
+        k = self._step_index
+        self._check_call(timestep, self.timesteps[k] if k < len(self.timesteps) else None)
         self._step_index = k + 1
         alpha_s, sigma_s, lam_s = self._alpha_sigma_lambda(float(self.sigmas[k]))
         alpha_t, sigma_t, lam_t = self._alpha_sigma_lambda(float(self.sigmas[k + 1]))

@@ -62,8 +62,7 @@ class AnnealedLangevinSampler(Sampler):
 
     def step(self, model_output, timestep, sample, noise=None):
         k = self._step_index
-        if k >= len(self.timesteps) or int(self.timesteps[k]) != timestep:
-            raise ValueError(f"step called out of order: call {k} got level {timestep} (call set_timesteps to restart)")
+        self._check_call(timestep, int(self.timesteps[k]) if k < len(self.timesteps) else None)
         self._step_index += 1
         sigma = float(self.sigmas[timestep])
         x0_hat = sample + sigma**2 * model_output  # Tweedie: E[x | x + sigma z]

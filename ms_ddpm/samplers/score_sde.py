@@ -141,9 +141,7 @@ class PredictorCorrectorSampler(ScoreSDESampler):
     def step(self, model_output, timestep, sample, noise=None):
         # 1. which call this is: corrector j < M at grid[position], or the predictor (j = M)
         position, j = divmod(self._step_index, self.corrector_steps + 1)
-        if position >= len(self.grid) or int(self.grid[position]) != timestep:
-            raise ValueError(f"step called out of order: call {self._step_index} got timestep {timestep} "
-                             "(call set_timesteps to restart)")
+        self._check_call(timestep, int(self.grid[position]) if position < len(self.grid) else None)
         self._step_index += 1
         score = self.sde.score(model_output, sample, timestep)
         x0_hat = self.denoised(model_output, sample, timestep)
@@ -190,9 +188,7 @@ class ProbabilityFlowSampler(ScoreSDESampler):
 
     def step(self, model_output, timestep, sample, noise=None):
         k = self._step_index
-        if k >= len(self.timesteps) or int(self.timesteps[k]) != timestep:
-            raise ValueError(f"step called out of order: call {k} got timestep {timestep} "
-                             "(call set_timesteps to restart)")
+        self._check_call(timestep, int(self.timesteps[k]) if k < len(self.timesteps) else None)
         self._step_index += 1
         x0_hat = self.denoised(model_output, sample, timestep)
         derivative = self.drift(model_output, sample, timestep)
