@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 
+from ms_ddpm.models.autoencoder_kl import AutoencoderKL
 from ms_ddpm.models.state_dict import (StateDictError, check_output_folder, describe, read_config,
                                       read_state_dict, report_error, save_diffusers_weights)
 
@@ -34,9 +35,6 @@ def main(argv=None):
     try:
         config = read_config(args.config)
         check_output_folder(args.output)
-        # Imported only now so that argument and file errors come back without MindSpore's start-up time.
-        from ms_ddpm.models.autoencoder_kl import AutoencoderKL
-
         try:
             kwargs = AutoencoderKL.diffusers_config_kwargs(config)
         except ValueError as e:
