@@ -13,17 +13,9 @@ import numpy as np
 from ..utils import check_choice
 from .autoencoder_kl import AutoencoderKL
 from .ddpm_unet import DDPMUNet
-from .normalization import GroupNorm
-from .softmax import Softmax
 from .unet import Unet
 
 MODELS = {"unet": Unet, "ddpm_unet": DDPMUNet, "autoencoder_kl": AutoencoderKL}
-
-# The cells that compute in float32 under mixed precision (the trainer sets them to float32 after amp): their own
-# casts to float32 are not enough in PyNative mode, which casts every op's inputs to the dtype of the cell it runs in.
-# (The weight standardisation is not among them: at O1 its float32 gradient would meet the convolution's float16
-# one on the same weight; it casts to float32 itself, which holds in graph mode.)
-FLOAT32_CELLS = (GroupNorm, Softmax)
 
 
 def create_model(name, **kwargs):
@@ -71,5 +63,5 @@ def apply_batched(network, images, batch_size):
     return joined if len(joined) > 1 else joined[0]
 
 
-__all__ = ["Unet", "DDPMUNet", "AutoencoderKL", "MODELS", "FLOAT32_CELLS", "create_model", "recompute_blocks",
-           "call_network", "apply_batched"]
+__all__ = ["Unet", "DDPMUNet", "AutoencoderKL", "MODELS", "create_model", "recompute_blocks", "call_network",
+           "apply_batched"]

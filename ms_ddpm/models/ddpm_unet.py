@@ -92,7 +92,7 @@ class AttentionBlock(nn.Cell):
         k = self.to_k(h)
         v = self.to_v(h)
         scores = ops.bmm(q, k.transpose(0, 2, 1)) * self.scale  # (B, N, N)
-        weights = self.softmax(scores).astype(v.dtype)
+        weights = self.softmax(scores)
         out = self.to_out[0](ops.bmm(weights, v))
         return x + out.transpose(0, 2, 1).reshape(b, c, height, width)
 

@@ -89,7 +89,7 @@ class CrossAttention(nn.Cell):
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(context))
         v = self._split_heads(self.to_v(context))
-        weights = self.softmax(_matmul_nt(q * self.scale, k)).astype(v.dtype)  # (B, heads, N, L)
+        weights = self.softmax(_matmul_nt(q * self.scale, k))  # (B, heads, N, L)
         out = ops.matmul(weights, v).transpose(0, 2, 1, 3).reshape(b, n, self.heads * self.head_dim)
         return self.to_out[1](self.to_out[0](out))
 

@@ -151,7 +151,7 @@ class Attention(nn.Cell):
         b, _, h, w = x.shape
         q, k, v = _split_heads(self.to_qkv(x), self.heads)
         sim = _matmul_tn(q * self.scale, k)  # q^T k: (B, heads, N, N)
-        attn = self.softmax(sim).astype(v.dtype)  # float32 out of the float32 Softmax cell under mixed precision
+        attn = self.softmax(sim)
         out = _matmul_nt(v, attn)  # v attn^T: (B, heads, d, N), already channels-first
         return self.to_out(out.reshape(b, -1, h, w))
 
@@ -173,8 +173,8 @@ class LinearAttention(nn.Cell):
         q, k, v = _split_heads(self.to_qkv(x), self.heads)
         # q's softmax runs over features: moved to the last axis, because MindSpore's CPU softmax and its gradient's
         # reductions over a middle axis cost several times one transpose plus a last-axis softmax
-        q = self.softmax(q.swapaxes(-1, -2)).astype(v.dtype) * self.scale  # (B, heads, N, d)
-        k = self.softmax(k).astype(v.dtype)
+        q = self.softmax(q.swapaxes(-1, -2)) * self.scale  # (B, heads, N, d)
+        k = self.softmax(k)
         context = _matmul_nt(k, v)  # k v^T: (B, heads, d, e)
         out = _matmul_tt(context, q)  # context^T q^T: (B, heads, e, N)
         return self.to_out(out.reshape(b, -1, h, w))

@@ -60,8 +60,7 @@ from ..guidance import trained_null_label
 from ..latent import FirstStage, diffusion_shape, encode_split, load_autoencoder, resolve_scaling_factor
 from ..losses import AutoencoderLoss, DiffusionLoss, NCSNLoss
 from ..metrics.evaluate import real_images
-from ..models import FLOAT32_CELLS, AutoencoderKL, apply_batched, create_model, recompute_blocks
-from ..models.softmax import Softmax
+from ..models import AutoencoderKL, apply_batched, create_model, recompute_blocks
 from ..pipeline import DiffusionPipeline, build_sampler, check_class_rows, check_image_size
 from ..processes import create_process
 from ..runtime import set_runtime
@@ -158,9 +157,10 @@ class StopSignals:
 
 
 def mixed_precision(model, amp_level, dtype):
-    """`model` at mixed-precision `amp_level` in `dtype`, with the cells of FLOAT32_CELLS in float32: every GroupNorm
-    (as mindone keeps nn.GroupNorm among its float32 cells; Ascend's aclnnGroupNorm wants input and weights of one
-    dtype) and every attention's softmax.
+    """`model` at mixed-precision `amp_level` in `dtype`, with every GroupNorm kept in float32 (as mindone keeps
+    nn.GroupNorm among its float32 cells; Ascend's aclnnGroupNorm wants input and weights of one dtype). The
+    softmaxes cast to float32 themselves (`ms_ddpm.models.softmax`), which holds in graph mode; a float32 Softmax
+    cell would hand its float16 input a float32 gradient (its own bprop skips the boundary's cast).
 
     The returned network is the one to train: `amp.auto_mixed_precision` wraps the network at O2 and O3. O1 is
     MindSpore's white list applied per Cell (its convolutions and dense layers in `dtype`), as MindSpore did before
@@ -174,11 +174,8 @@ def mixed_precision(model, amp_level, dtype):
                 cell.to_float(dtype)
     else:
         model = amp.auto_mixed_precision(model, amp_level, dtype)
-    # At O1 no softmax runs in float16 (its cell is not on the white list); set to float32 there, its float32
-    # gradient would meet float16 ones in the graph's sums
-    float32_cells = FLOAT32_CELLS if amp_level != "O1" else tuple(c for c in FLOAT32_CELLS if c is not Softmax)
     for _, cell in model.cells_and_names():
-        if isinstance(cell, float32_cells):
+        if isinstance(cell, nn.GroupNorm):
             cell.to_float(ms.float32)
     return model
 
