@@ -15,7 +15,6 @@ types, ...), trained or zero-SNR betas, learned variances, thresholding, another
 Weights are read and written with `safetensors.numpy`: no torch (a torch `.bin` is read only where torch is
 installed, by `models.state_dict.read_state_dict`).
 """
-import inspect
 import json
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from safetensors.numpy import save_file
 from .config import Config, ConfigError
 from .models.ddpm_unet import DDPMUNet
 from .models.state_dict import check_diffusers_options, read_config, read_state_dict
-from .utils import check_int
+from .utils import check_int, constructor_arguments
 
 __all__ = ["ConversionError", "ddpm_unet_kwargs", "unet2d_config", "ddpm_scheduler_config", "diffusion_section",
            "read_ddpm_pipeline", "write_ddpm_pipeline", "write_model"]
@@ -126,13 +125,6 @@ def ddpm_unet_kwargs(config):
     if num_class_embeds is not None:
         kwargs["num_class_embeds"] = check_int("num_class_embeds", num_class_embeds, 1)
     return kwargs
-
-
-def constructor_arguments(cls, kwargs):
-    """`kwargs` completed with `cls`'s defaults for the arguments they leave out."""
-    args = {name: p.default for name, p in inspect.signature(cls).parameters.items()}
-    args.update(kwargs)
-    return args
 
 
 def unet2d_config(kwargs):

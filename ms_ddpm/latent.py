@@ -20,7 +20,6 @@ deviation), so that the diffusion's unit-variance prior and noise schedule fit t
 factor it was published with (Stable Diffusion's 0.18215, measured so on its training data), which auto keeps
 (`resolve_scaling_factor`); a number overrides either.
 """
-import inspect
 import json
 from dataclasses import dataclass
 from typing import Optional
@@ -35,6 +34,7 @@ from .data import create_dataset, iterate
 from .data.datasets import create_array_dataset
 from .models import apply_batched
 from .models.autoencoder_kl import AutoencoderKL
+from .utils import constructor_arguments
 
 __all__ = ["FirstStage", "LatentCache", "auto_scaling_factor", "diffusion_shape", "encode_split", "load_autoencoder",
            "resolve_scaling_factor"]
@@ -75,8 +75,7 @@ def diffusion_shape(cfg):
     kwargs = cfg.latent.autoencoder_kwargs
     if kwargs is None:
         return (c.channels, c.image_size, c.image_size)
-    args = {name: p.default for name, p in inspect.signature(AutoencoderKL).parameters.items()}
-    args.update(kwargs)  # the constructor's defaults where the arguments leave them out
+    args = constructor_arguments(AutoencoderKL, kwargs)
     f = 2 ** (len(args["block_out_channels"]) - 1)
     return (args["latent_channels"], c.image_size // f, c.image_size // f)
 

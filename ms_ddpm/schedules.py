@@ -100,10 +100,15 @@ def spaced_timesteps(num_train_timesteps, num_inference_steps, spacing, integer=
     return steps.round().astype(np.int64) if integer else steps
 
 
+def _training_sigmas(alphas_cumprod):
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) at the training timesteps t = 0 .. T-1."""
+    return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+
+
 def timestep_sigmas(alphas_cumprod, timesteps):
     """Noise levels sigma(t) = sqrt((1 - alpha_bar_t) / alpha_bar_t) at (possibly fractional) timesteps, linear in
     sigma between the training timesteps (diffusers' `np.interp`), float64."""
-    sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+    sigmas = _training_sigmas(alphas_cumprod)
     return np.interp(np.asarray(timesteps, dtype=np.float64), np.arange(len(sigmas)), sigmas)
 
 
@@ -111,7 +116,7 @@ def sigma_timesteps(alphas_cumprod, sigmas):
     """The fractional timesteps of noise levels `sigmas`: linear in log sigma between the two training timesteps
     around each (diffusers' `_sigma_to_t`), clamped to [0, T - 1], float64. Their network input when the levels are
     off the training grid, as Karras sigmas are."""
-    log_sigmas = np.log(np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod))
+    log_sigmas = np.log(_training_sigmas(alphas_cumprod))
     log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
     # the last training timestep at or below each level, kept one short of the end to leave a neighbour above
     low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)

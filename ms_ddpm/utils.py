@@ -1,5 +1,6 @@
 """Small helpers shared across the package: argument checks and the description of the machine a figure came from."""
 import importlib.metadata
+import inspect
 import os
 import platform
 
@@ -22,6 +23,13 @@ def check_int(name, value, low, high=None):
         allowed = f">= {low}" if high is None else f"in [{low}, {high})"
         raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
     return int(value)
+
+
+def constructor_arguments(cls, kwargs):
+    """`kwargs` completed with `cls`'s defaults for the arguments they leave out."""
+    args = {name: p.default for name, p in inspect.signature(cls).parameters.items()}
+    args.update(kwargs)
+    return args
 
 
 def check_sizes(**sizes):

@@ -16,7 +16,7 @@ the model's `config.json`.
 import mindspore as ms
 from mindspore import nn, ops
 
-from ..utils import check_halvable
+from ..utils import check_halvable, check_sizes
 from .convolution import conv2d
 from .ddpm_unet import AttentionBlock, Downsample2D, Upsample2D
 from .normalization import GroupNorm
@@ -219,10 +219,8 @@ class AutoencoderKL(nn.Cell):
         super().__init__()
         if len(block_out_channels) < 1:
             raise ValueError("AutoencoderKL: block_out_channels needs at least one level, e.g. (128, 256, 512, 512)")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("layers_per_block", layers_per_block), ("latent_channels", latent_channels)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"AutoencoderKL: {name} must be a positive integer, got {value!r}")
+        check_sizes(in_channels=in_channels, out_channels=out_channels, layers_per_block=layers_per_block,
+                    latent_channels=latent_channels)
         if scaling_factor is not None and not scaling_factor > 0:
             raise ValueError(f"AutoencoderKL: scaling_factor must be positive, got {scaling_factor!r}")
         self.latent_channels = latent_channels

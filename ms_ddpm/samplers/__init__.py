@@ -40,5 +40,5 @@ def create_sampler(name, process, **kwargs):
 
 __all__ = ["Sampler", "SamplerOutput", "spaced_timesteps", "DDPMSampler", "DDIMSampler", "SAMPLERS",
            "DIFFUSION_SAMPLERS", "NCSN_SAMPLERS", "KARRAS_SAMPLERS", "create_sampler", "DPMSolverSampler",
-           "EulerMaruyamaSampler", "PredictorCorrectorSampler", "ProbabilityFlowSampler", "ScoreSDESampler", "AnnealedLangevinSampler",
-           "EulerSampler", "EulerAncestralSampler", "HeunSampler"]
+           "EulerMaruyamaSampler", "PredictorCorrectorSampler", "ProbabilityFlowSampler", "ScoreSDESampler",
+           "AnnealedLangevinSampler", "EulerSampler", "EulerAncestralSampler", "HeunSampler"]
