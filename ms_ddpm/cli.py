@@ -17,7 +17,8 @@ from .checkpoint import CheckpointError
 from .config import Config, ConfigError
 from .data import pipeline_error
 from .data.fetch import DownloadError
-from .samplers import DIFFUSION_SAMPLERS, KARRAS_SAMPLERS, NCSN_SAMPLERS, SAMPLERS
+from .processes import PROCESSES
+from .samplers import KARRAS_SAMPLERS, SAMPLERS, samplers_for
 
 USER_ERRORS = (ConfigError, CheckpointError, DownloadError, FileNotFoundError, ValueError)
 
@@ -134,6 +135,10 @@ def export_main(args):
           + (f"; scaling_factor {scale:.6g}" if scale is not None else "") + ")")
 
 
+SAMPLER_HELP = "; ".join(f"{name} ({PROCESSES[name].default_sampler}) takes {', '.join(samplers_for(name))}"
+                         for name in PROCESSES)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="ms-ddpm", description="Train and sample DDPMs with MindSpore.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,10 +151,9 @@ def build_parser():
     p = sub.add_parser("sample", help="draw samples from a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint written by `ms-ddpm train`")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
-                   help=f"default: ddim for a DDPM checkpoint, ald (annealed Langevin) for an NCSN one; a DDPM takes "
-                   f"{list(DIFFUSION_SAMPLERS)}, an NCSN {list(NCSN_SAMPLERS)}")
+                   help=f"default: the process's own; {SAMPLER_HELP}")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: all training timesteps or noise levels); for ald: Langevin steps "
+                   help="sampling steps (default: all training timesteps or noise levels, 50 in continuous time); for ald: Langevin steps "
                    "per noise level (default 100, the NCSN paper's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--karras-sigmas", action="store_true",
@@ -173,10 +177,9 @@ def build_parser():
     p = sub.add_parser("evaluate", help="FD, KID, bits/dim and samples/s of a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint written by `ms-ddpm train`")
     p.add_argument("--sampler", default=None,
-                   help="default: ddim (eta 0) for a DDPM checkpoint, ald for an NCSN one; a DDPM takes "
-                   f"{list(DIFFUSION_SAMPLERS)}, an NCSN {list(NCSN_SAMPLERS)}")
+                   help=f"default: the process's own (ddim with eta 0 for a DDPM); {SAMPLER_HELP}")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: all training timesteps or noise levels; ald: 100 per level)")
+                   help="sampling steps (default: all training timesteps or noise levels, 50 in continuous time; ald: 100 per level)")
     p.add_argument("--num", type=int, default=1000, help="number of samples (and of real images for --real-floor)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="class-conditional models: classifier-free guidance scale (1: none); with the MNIST "

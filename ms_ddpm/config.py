@@ -25,62 +25,101 @@ class ModelConfig:
     kwargs: dict = field(default_factory=lambda: {"dim": 16, "dim_mults": [1, 2], "channels": 1})  # constructor args
 
 
-PROCESSES = ("ddpm", "ncsn")
-# diffusion keys of process "ncsn"; all others but COMMON_KEYS belong to "ddpm"
-NCSN_KEYS = ("sigma_max", "sigma_min", "num_noise_levels", "langevin_step_lr")
-COMMON_KEYS = ("process", "cond_drop_prob", "clip_denoised")
-
-
 @dataclass
 class DiffusionConfig:
-    """The noise process the network is trained on: a DDPM chain (Ho et al. 2020) or NCSN's noise levels (Song &
-    Ermon 2019). Keys of the other process must keep their defaults, so a setting that would do nothing is refused.
+    """The noise process the network is trained on (`diffusion.process`, one of `ms_ddpm.processes.PROCESSES`) and
+    the settings every process shares; the process's own keys sit beside them in the same YAML section and are
+    validated by the process (its `config_class`: `DDPMConfig`, `NCSNConfig`, `EDMConfig`, `FlowConfig`), so a key
+    of another process is refused by name. They are read as attributes (`cfg.diffusion.num_timesteps`)."""
 
-    NCSN defaults: the paper's MNIST levels sigma_1 = 1 > ... > sigma_10 = 0.01 and Langevin step eps = 2e-5 (Sec. 5)
-    are for images in [0, 1]; ours are in [-1, 1], twice as wide, so the sigmas double and eps, which sets
-    alpha_i = eps sigma_i^2 / sigma_L^2 in units of squared distance, quadruples: the same dynamics, rescaled.
-    """
-
-    process: str = "ddpm"  # ddpm (Gaussian diffusion chain) | ncsn (noise-conditional score network)
+    process: str = "ddpm"  # ddpm | ncsn | edm | flow
     # classifier-free guidance (Ho & Salimans 2021, Algorithm 1): the probability with which training replaces a
     # class label by the null label, so one network also learns the unconditional model; class-conditional models only
     cond_drop_prob: float = 0.0
     # clip the predicted x_0 to [-1, 1] when sampling (the data's range); None: in pixel space yes, in the latent
     # space of a `latent` run no (latents are not bounded)
     clip_denoised: Optional[bool] = None
-    # process ddpm
-    num_timesteps: int = 1000  # T, training chain length
-    beta_schedule: str = "linear"  # linear | cosine | quadratic | sigmoid
-    beta_start: float = 1.0e-4  # first beta (linear / quadratic / sigmoid); not rescaled with T
-    beta_end: float = 0.02  # last beta
-    objective: str = "eps"  # what the network predicts: eps | x0 | v
-    variance_type: str = "fixed_small"  # reverse variance for DDPM sampling: fixed_small | fixed_large
-    loss_type: str = "l2"  # l1 | l2 | huber (smooth L1, as the annotated tutorial)
-    loss_weighting: str = "none"  # none | p2 | min_snr
-    min_snr_gamma: float = 5.0  # gamma of min-SNR weighting (Hang et al. 2023)
-    p2_gamma: float = 1.0  # gamma of P2 weighting (Choi et al. 2022)
-    p2_k: float = 1.0  # k of P2 weighting
-    # process ncsn
-    sigma_max: float = 2.0  # sigma_1, the largest noise level (paper: 1 for [0, 1] images)
-    sigma_min: float = 0.02  # sigma_L, the smallest (paper: 0.01 for [0, 1] images)
-    num_noise_levels: int = 10  # L, geometric sequence from sigma_max to sigma_min (paper: 10)
-    langevin_step_lr: float = 8.0e-5  # eps of annealed Langevin dynamics, Algorithm 1 (paper: 2e-5 for [0, 1])
+    #: the process's own keys, an instance of its config_class (filled in from the section's other keys)
+    settings: object = None
 
     def __post_init__(self):
-        if self.process not in PROCESSES:
-            raise ConfigError(f"diffusion.process must be one of {list(PROCESSES)}, got {self.process!r}")
+        processes = _processes()
+        if self.process not in processes:
+            raise ConfigError(f"diffusion.process must be one of {list(processes)}, got {self.process!r}")
         p = self.cond_drop_prob
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
             raise ConfigError(f"diffusion.cond_drop_prob must be in [0, 1) (0.1 is usual), got {self.cond_drop_prob!r}")
+        if self.settings is None:
+            self.settings = processes[self.process].config_class()
         if self.process == "ncsn" and self.clip_denoised:
             raise ConfigError("diffusion.clip_denoised: the NCSN samplers do not clip; drop it")
-        other = "ddpm" if self.process == "ncsn" else "ncsn"
-        idle = [f.name for f in dataclasses.fields(self)
-                if f.name not in COMMON_KEYS and (f.name in NCSN_KEYS) == (other == "ncsn")
-                and getattr(self, f.name) != f.default]
-        if idle:
-            raise ConfigError(f"diffusion key(s) {idle} are settings of process {other!r} and do nothing with "
-                              f"diffusion.process {self.process!r}: remove them, or set diffusion.process: {other}")
+
+    def __getattr__(self, name):
+        # only for names that are not fields: the process's own keys
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in {f.name for f in dataclasses.fields(settings)}:
+            return getattr(settings, name)
+        raise AttributeError(f"diffusion.{name} is not a key of process {self.__dict__.get('process')!r}")
+
+    def __setattr__(self, name, value):
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in {f.name for f in dataclasses.fields(settings)}:
+            setattr(settings, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_values(cls, values, stored=False):
+        """From the section's flat mapping: the shared keys, then the process's own, each checked for its type.
+        `stored`: the config of a checkpoint written before processes owned their keys, which lists every key of
+        processes ddpm and ncsn; the other process's keys, at their defaults there, are dropped."""
+        processes = _processes()
+        shared = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "settings"}
+        process = values.get("process", "ddpm")
+        if process not in processes:
+            raise ConfigError(f"diffusion.process must be one of {list(processes)}, got {process!r}")
+        own_cls = processes[process].config_class
+        own = {f.name: f for f in dataclasses.fields(own_cls)}
+        rest = {k: v for k, v in values.items() if k not in shared}
+        if stored:
+            rest = {k: v for k, v in rest.items() if k in own or not _default_elsewhere(processes, process, k, v)}
+        foreign = {}
+        for k in sorted(set(rest) - set(own)):
+            foreign.setdefault(next((n for n, c in processes.items()
+                                     if k in {f.name for f in dataclasses.fields(c.config_class)}), None), []).append(k)
+        for other, keys in foreign.items():
+            if other is None:
+                raise ConfigError(f"unknown key(s) {keys} in section 'diffusion'; valid keys of process {process!r}: "
+                                  f"{list(shared) + list(own)}")
+            raise ConfigError(f"diffusion key(s) {keys} are settings of process {other!r} and do nothing with "
+                              f"diffusion.process {process!r}: remove them, or set diffusion.process: {other}")
+        try:
+            settings = own_cls(**{k: _checked(f"diffusion.{k}", v, own[k].type) for k, v in rest.items()})
+        except ValueError as err:  # the process's own checks
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"diffusion (process {process}): {err}") from None
+        return cls(**{k: _checked(f"diffusion.{k}", v, shared[k]) for k, v in values.items() if k in shared},
+                   settings=settings)
+
+    def to_dict(self):
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "settings"}
+        return {**values, **dataclasses.asdict(self.settings)}
+
+
+def _processes():
+    from .processes import PROCESSES  # the registry (imports MindSpore); config.py itself does not
+
+    return PROCESSES
+
+
+def _default_elsewhere(processes, process, key, value):
+    """Whether `key` = `value` is another process's key at that process's default (see `from_values`)."""
+    for name, entry in processes.items():
+        fields = {f.name: f for f in dataclasses.fields(entry.config_class)}
+        if name != process and key in fields and fields[key].default == value:
+            return True
+    return False
 
 
 @dataclass
@@ -254,8 +293,9 @@ class Config:
     latent: LatentConfig = field(default_factory=LatentConfig)
 
     @classmethod
-    def from_dict(cls, raw):
-        """Build a Config from nested dicts, rejecting unknown sections and keys."""
+    def from_dict(cls, raw, stored=False):
+        """Build a Config from nested dicts, rejecting unknown sections and keys; `stored`: a checkpoint's config
+        (`DiffusionConfig.from_values`)."""
         raw = raw or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"a config must be a mapping of sections {list(SECTIONS)}, got {type(raw).__name__}")
@@ -265,6 +305,11 @@ class Config:
         sections = {}
         for name, section_cls in SECTIONS.items():
             values = raw.get(name) or {}
+            if section_cls is DiffusionConfig:
+                if not isinstance(values, dict):
+                    raise ConfigError(f"section 'diffusion' must be a mapping, got {type(values).__name__}")
+                sections[name] = DiffusionConfig.from_values(values, stored)
+                continue
             valid = [f.name for f in dataclasses.fields(section_cls)]
             bad = sorted(set(values) - set(valid))
             if bad:
@@ -285,8 +330,10 @@ class Config:
                 raw = yaml.safe_load(f) or {}
         if not overrides:
             return cls.from_dict(raw)
-        # overrides apply to the resolved config, so a key inside a mapping keeps the mapping's other entries
+        # overrides apply to the resolved config, so a key inside a mapping keeps the mapping's other entries; the
+        # diffusion section keeps only the keys the file sets, so an override may change diffusion.process
         resolved = cls.from_dict(raw).to_dict()
+        resolved["diffusion"] = dict(raw.get("diffusion") or {})
         for item in overrides:
             key, sep, value = item.partition("=")
             parts = key.split(".")
@@ -307,8 +354,14 @@ class Config:
                 raise ConfigError(f"override {item!r}: the value is not valid YAML ({err.problem})") from None
         return cls.from_dict(resolved)
 
+    @classmethod
+    def from_stored(cls, text):
+        """The config a checkpoint stores (its YAML text)."""
+        return cls.from_dict(yaml.safe_load(str(text)), stored=True)
+
     def to_dict(self):
-        return dataclasses.asdict(self)
+        return {f.name: (getattr(self, f.name).to_dict() if f.name == "diffusion" else
+                         dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self)}
 
     def to_yaml(self):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -15,7 +15,6 @@ DDPMScheduler describes; latent runs, whose samples DDPMPipeline would not decod
 """
 from pathlib import Path
 
-import yaml
 
 from .checkpoint import load_checkpoint, load_weights
 from .config import Config
@@ -48,7 +47,7 @@ def export_checkpoint(path, out, use_ema=True):
         ConversionError: the run has no diffusers form (see the module docstring).
     """
     state = load_checkpoint(path)
-    cfg = Config.from_dict(yaml.safe_load(state["config"]))
+    cfg = Config.from_stored(state["config"])
     check_exportable(cfg, path)
     out = Path(out)
     # on the host in float32, whatever the run trained on: only an autoencoder's encoder runs

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import yaml
 from mindspore import nn
 
 from .checkpoint import load_verified, load_weights
@@ -52,7 +51,7 @@ def load_autoencoder(path):
                           "(configs/vae_mnist5k_cpu.yaml) or convert one with scripts/convert_diffusers_vae.py",
                           "train or convert it again")
     if "config" in state:  # a training run's checkpoint
-        cfg = Config.from_dict(yaml.safe_load(str(state["config"])))
+        cfg = Config.from_stored(state["config"])
         if cfg.model.name != "autoencoder_kl":
             raise ConfigError(f"latent.autoencoder {path} is a checkpoint of a model.name {cfg.model.name!r} run, "
                               "not of an autoencoder: give one of a model.name autoencoder_kl run")

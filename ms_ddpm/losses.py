@@ -1,5 +1,5 @@
-"""Training losses: the diffusion loss with its per-pixel loss types and per-timestep weightings, NCSN's
-denoising score matching, and the latent-diffusion autoencoder's reconstruction + KL loss.
+"""Training losses: the diffusion loss of every noise process, with DDPM's per-pixel loss types and per-timestep
+weightings, and the latent-diffusion autoencoder's reconstruction + KL loss.
 
 `DiffusionLoss` weightings are written for the eps objective and carried over to the others through the identities
 ||x0_hat - x_0||^2 = ||eps_hat - eps||^2 / SNR and ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x_0||^2
@@ -10,8 +10,8 @@ w * SNR / (SNR + 1). (The identities are exact for L2, approximate for L1/Huber.
     p2:      w = 1 / (k + SNR)^gamma (Choi et al. 2022, "Perception Prioritized Training", Eq. 8).
     min_snr: w = min(SNR, gamma) / SNR (Hang et al. 2023, Eq. 11).
 
-Both losses take the condition of the generation (`cond`, e.g. class labels, with the null label where the trainer
-dropped it for classifier-free guidance) and hand it to the network.
+`DiffusionLoss` takes the condition of the generation (`cond`, e.g. class labels, with the null label where the
+trainer dropped it for classifier-free guidance) and hands it to the network.
 """
 import mindspore as ms
 import numpy as np
@@ -36,31 +36,43 @@ def timestep_weights(diffusion, weighting, p2_gamma=1.0, p2_k=1.0, min_snr_gamma
 
 
 class DiffusionLoss(nn.Cell):
-    """Network plus diffusion: the training loss for a batch of clean images.
+    """Network plus noise process: the training loss for a batch of clean images, for every process of
+    `ms_ddpm.processes` (its `training_terms` say what the network sees and what it regresses on):
+        ddpm   L_simple on eps / x0 / v (Ho et al. 2020, Eq. 14), with the loss types and weightings above
+        ncsn   denoising score matching over the levels (Song & Ermon 2019, Eqs. 5-6: 1/2 sum over pixels
+               ||sigma_i s(x + sigma_i z, i) + z||^2, averaged over the batch)
+        edm    ||F - (x_0 - c_skip x) / c_out||^2, the EDM loss written for F (Karras et al. 2022, Eq. 8)
+        flow   ||u_theta(x_t, t) - (eps - x_0)||^2 (Esser et al. 2024, Eq. 4)
 
-    construct(x_start, t, noise, cond=None): x_start (B, C, H, W) in [-1, 1], t (B,) int32 timesteps, noise
-    (B, C, H, W) standard normal, cond the network's condition ((B,) int32 labels) or None; returns the scalar loss.
-    t, noise and cond come from the caller so that a run is reproducible from one host RNG whose state is
-    checkpointed, and identical in graph and PyNative mode.
+    construct(x_start, t, noise, cond=None): x_start (B, C, H, W) in [-1, 1]; t (B,) the process's time (int32
+    timesteps or level indices; float32 sigma for EDM, t for flow); noise (B, C, H, W) standard normal; cond the
+    network's condition ((B,) int32 labels) or None; returns the scalar loss. t, noise and cond come from the caller
+    so that a run is reproducible from one counter-based generator (`ms_ddpm.train.randomness`), and identical in
+    graph and PyNative mode.
 
-    The loss is computed in float32 whatever dtype the network runs in (mixed precision).
-    `huber` is smooth L1 with beta = 1 (PyTorch's `F.smooth_l1_loss`), the loss of the annotated-diffusion tutorial.
+    The loss is computed in float32 whatever dtype the network runs in (mixed precision). `loss_type` and
+    `weighting` are process ddpm's settings (`DDPMConfig.loss_options`); the other processes regress with L2,
+    weighted as their papers. `huber` is smooth L1 with beta = 1 (PyTorch's `F.smooth_l1_loss`), the loss of the
+    annotated-diffusion tutorial.
     """
 
-    def __init__(self, network, diffusion, loss_type="l2", weighting="none", p2_gamma=1.0, p2_k=1.0, min_snr_gamma=5.0):
+    def __init__(self, network, process, loss_type="l2", weighting="none", p2_gamma=1.0, p2_k=1.0, min_snr_gamma=5.0):
         # auto_prefix=False keeps the network's parameter names its own (no "network." prefix), so checkpoints
         # load into a bare network, as with MindSpore's WithLossCell
         super().__init__(auto_prefix=False)
         self.network = network
-        self.diffusion = diffusion
+        self.process = process
         self.loss_type = check_choice("loss_type", loss_type, LOSS_TYPES)
         self.weighted = weighting != "none"
-        self.weights = ms.Tensor(timestep_weights(diffusion, weighting, p2_gamma, p2_k, min_snr_gamma), ms.float32)
+        if process.name != "ddpm" and (self.weighted or loss_type != "l2"):
+            raise ValueError(f"loss_type and loss weighting are settings of process ddpm; process {process.name!r} "
+                             "regresses with l2 as its paper")
+        if self.weighted:
+            self.weights = ms.Tensor(timestep_weights(process, weighting, p2_gamma, p2_k, min_snr_gamma), ms.float32)
 
     def construct(self, x_start, t, noise, cond=None):
-        x_t = self.diffusion.q_sample(x_start, t, noise)
-        target = self.diffusion.training_target(x_start, t, noise)
-        diff = call_network(self.network, x_t, t, cond).astype(ms.float32) - target
+        model_input, time, target, weight = self.process.training_terms(x_start, t, noise)
+        diff = call_network(self.network, model_input, time, cond).astype(ms.float32) - target
         if self.loss_type == "l1":
             loss = ops.abs(diff)
         elif self.loss_type == "l2":
@@ -69,38 +81,11 @@ class DiffusionLoss(nn.Cell):
             abs_diff = ops.abs(diff)
             loss = ops.where(abs_diff < 1.0, 0.5 * diff * diff, abs_diff - 0.5)
         loss = loss.mean(axis=(1, 2, 3))
+        if weight is not None:
+            loss = loss * weight
         if self.weighted:
             loss = loss * ops.gather(self.weights, t, 0)
         return loss.mean()
-
-
-class NCSNLoss(nn.Cell):
-    """Denoising score matching over all noise levels with lambda(sigma) = sigma^2 (Song & Ermon 2019, Eqs. 5-6):
-
-        loss = 1/2 E_{i, x, z} || sigma_i s(x + sigma_i z, i) + z ||^2
-
-    (Eq. 5's target -(x_tilde - x) / sigma^2 = -z / sigma, times lambda = sigma^2). The norm sums over pixels,
-    the expectation averages over the batch, as the NCSN code's `anneal_dsm_score_estimation`.
-
-    construct(x, labels, noise, cond=None): x (B, C, H, W) data, labels (B,) int32 level indices drawn uniformly
-    from [0, L), noise (B, C, H, W) standard normal, cond as in `DiffusionLoss`; returns the scalar loss. labels,
-    noise and cond come from the caller, as in `DiffusionLoss`, so a run is reproducible from one host RNG.
-
-    Args:
-        network: callable (x, labels[, cond]) -> score estimate of x's shape.
-        sigmas: (L,) noise levels, largest first (e.g. `geometric_sigmas`, or a `NoiseLevels` process's `.sigmas`).
-    """
-
-    def __init__(self, network, sigmas):
-        super().__init__(auto_prefix=False)
-        self.network = network
-        self.sigmas = ms.Tensor(np.asarray(sigmas, dtype=np.float64), ms.float32)
-
-    def construct(self, x, labels, noise, cond=None):
-        sigma = ops.gather(self.sigmas, labels, 0).reshape((-1,) + (1,) * (x.ndim - 1))
-        score = call_network(self.network, x + sigma * noise, labels, cond).astype(ms.float32)
-        residual = sigma * score + noise
-        return 0.5 * (residual * residual).reshape(x.shape[0], -1).sum(1).mean()
 
 
 class AutoencoderLoss(nn.Cell):

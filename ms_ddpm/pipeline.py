@@ -23,7 +23,6 @@ class embedding of `num_class_embeds` rows. Classifier-free guidance (`ms_ddpm.g
 """
 import mindspore as ms
 import numpy as np
-import yaml
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights
 from .config import Config, ConfigError
@@ -33,23 +32,24 @@ from .latent import FirstStage, diffusion_shape
 from .models import AutoencoderKL, create_model
 from .models.ddpm_unet import load_diffusers_weights
 from .models.state_dict import StateDictError
-from .processes import create_process
+from .processes import PROCESSES, create_process
 from .runtime import set_runtime
-from .samplers import DIFFUSION_SAMPLERS, NCSN_SAMPLERS, Sampler, create_sampler
+from .samplers import Sampler, create_sampler, samplers_for
 from .utils import check_int
 
 
 def default_sampler(cfg):
-    """The sampler used unless one is named: DDIM for a DDPM, annealed Langevin for an NCSN."""
-    return "ald" if cfg.diffusion.process == "ncsn" else "ddim"
+    """The sampler used unless one is named: the process's own (`Process.default_sampler`: DDIM for a DDPM,
+    annealed Langevin for an NCSN, Heun for EDM, Euler for flow)."""
+    return PROCESSES[cfg.diffusion.process].default_sampler
 
 
 def build_sampler(cfg, process, name=None, **kwargs):
     """Sampler `name` (None: `default_sampler`) for a network trained with `cfg`, on `process` (its
-    `create_process`); kwargs go to the sampler's constructor. Samplers of the other process are refused; "ald" takes
-    the config's Langevin step size."""
+    `create_process`); kwargs go to the sampler's constructor. A sampler that does not run the process is refused
+    (a ConfigError naming those that do); "ald" takes the config's Langevin step size."""
     name = default_sampler(cfg) if name is None else name
-    valid = NCSN_SAMPLERS if cfg.diffusion.process == "ncsn" else DIFFUSION_SAMPLERS
+    valid = samplers_for(cfg.diffusion.process)
     if name not in valid:
         raise ConfigError(f"sampler {name!r} does not sample a network of diffusion.process "
                           f"{cfg.diffusion.process!r}; use one of {list(valid)}")
@@ -127,7 +127,7 @@ class DiffusionPipeline:
         `.weights`). `mode` ("graph" / "pynative") and `device` are set for the process.
         """
         state = load_checkpoint(path)
-        cfg = Config.from_dict(yaml.safe_load(state["config"]))
+        cfg = Config.from_stored(state["config"])
         if cfg.model.name == "autoencoder_kl":
             raise CheckpointError(f"{path} is an autoencoder's checkpoint: it encodes and decodes, it does not "
                                   "sample; train a diffusion model on its latents (latent.autoencoder) and sample that")

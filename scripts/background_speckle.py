@@ -61,7 +61,7 @@ def draw(pipe, variant, num, batch_size):
     """Samples (num, 1, 28, 28) in [-1, 1] of one variant and the border mean of x0_hat at every step (num, steps)."""
     import mindspore as ms
 
-    from ms_ddpm.processes import predict_eps, predict_x0
+    from ms_ddpm.processes import predict_eps, predict_x0, vp_alpha_sigma
 
     name, steps, scale, mode, (late_scale, switch) = parse_variant(variant)
     sampler = pipe.create_sampler(name)
@@ -78,8 +78,9 @@ def draw(pipe, variant, num, batch_size):
             network = pipe.guided(late_scale if t < switch else scale)
             out = network(ms.Tensor(x), ms.Tensor(np.full(n, t, np.int32)), labels).asnumpy()
             alpha_bar = sampler.alpha_bar(t)
-            x0 = treat_x0(predict_x0(objective, out, x, alpha_bar), mode)
-            eps = predict_eps(objective, out, x, alpha_bar) if mode == "none" else predict_eps("x0", x0, x, alpha_bar)
+            alpha, sigma = vp_alpha_sigma(alpha_bar)
+            x0 = treat_x0(predict_x0(objective, out, x, alpha, sigma), mode)
+            eps = predict_eps(objective, out, x, alpha, sigma) if mode == "none" else predict_eps("x0", x0, x, alpha, sigma)
             trajectory.append(x0[:, 0][:, BORDER].mean(axis=1))
             coefficients = sampler.coefficients(t)
             if name == "ddim":  # Song et al. Eq. 12, eta 0
@@ -98,7 +99,7 @@ def denoised_border(pipe, digits, labels, timesteps):
     of the border pixels that are background in the digit (-1) and that the clipped x0_hat puts above 32/255."""
     import mindspore as ms
 
-    from ms_ddpm.processes import predict_x0
+    from ms_ddpm.processes import predict_x0, vp_alpha_sigma
 
     background = (digits[:, 0] == -1) & BORDER
     rng = np.random.default_rng(0)
@@ -107,7 +108,7 @@ def denoised_border(pipe, digits, labels, timesteps):
         alpha_bar = float(pipe.process.alphas_cumprod[t])
         x_t = (alpha_bar**0.5 * digits + (1 - alpha_bar) ** 0.5 * rng.standard_normal(digits.shape)).astype(np.float32)
         out = pipe.network(ms.Tensor(x_t), ms.Tensor(np.full(len(digits), t, np.int32)), ms.Tensor(labels)).asnumpy()
-        x0 = np.clip(predict_x0(pipe.process.objective, out, x_t, alpha_bar), -1, 1)
+        x0 = np.clip(predict_x0(pipe.process.objective, out, x_t, *vp_alpha_sigma(alpha_bar)), -1, 1)
         shares[str(t)] = float((x0[:, 0][background] > BRIGHT).mean())
     return shares
 

@@ -535,14 +535,15 @@ def torch_ddim(model, x, steps, timesteps, alphas_cumprod, objective, clip):
     `timesteps`, with ms_ddpm's conventions: x0_hat clipped to [-1, 1] when `clip`, eps_hat the network's own."""
     import torch
 
-    from ms_ddpm.processes import predict_eps, predict_x0  # the library's conversions, on torch tensors here
+    from ms_ddpm.processes import predict_eps, predict_x0, vp_alpha_sigma  # the library's conversions, on torch tensors here
 
     with torch.inference_mode():
         for i, t in enumerate(steps):
             a_t = float(alphas_cumprod[t])
             a_prev = float(alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
             out = model(x, torch.full((x.shape[0],), int(t), dtype=torch.long))
-            x0, eps = predict_x0(objective, out, x, a_t), predict_eps(objective, out, x, a_t)
+            alpha, sigma = vp_alpha_sigma(a_t)
+            x0, eps = predict_x0(objective, out, x, alpha, sigma), predict_eps(objective, out, x, alpha, sigma)
             if clip:
                 x0 = x0.clamp(-1, 1)
             x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps

@@ -21,7 +21,9 @@ import os
 import sys
 
 from ms_ddpm.metrics.evaluate import evaluate, real_floor
-from ms_ddpm.samplers import DIFFUSION_SAMPLERS
+from ms_ddpm.samplers import samplers_for
+
+DIFFUSION_SAMPLERS = samplers_for("ddpm")
 
 STEPS = (10, 20, 50, 100, 1000)
 

@@ -74,7 +74,8 @@ def test_benchmark_runs_on_a_tiny_config(tmp_path):
 ])
 def test_overrides_reach_the_parents_checks_before_any_phase(override, message, tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_CONFIG.replace(", loss_type: huber", ""), encoding="utf-8")  # loss_type is DDPM's only
+    # num_timesteps and loss_type are DDPM's only: an override of the process would be refused for them
+    config.write_text(TINY_CONFIG.replace("{num_timesteps: 1000, loss_type: huber}", "{}"), encoding="utf-8")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(config), "--set", override],
                           capture_output=True, text=True, timeout=120, check=False)
     # refused before the first progress line: nothing measured, no phase started

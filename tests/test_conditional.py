@@ -158,9 +158,9 @@ class RecordedDraws(nn.Cell):
     """The run's `TrainingDraws`, also writing the labels the step was given and the condition drawn from them into
     two parameters, inside the compiled step: those of the last `size` samples, oldest first (-1 until written)."""
 
-    def __init__(self, *args, size):
+    def __init__(self, *args, size, **kwargs):
         super().__init__()
-        self.draws = TrainingDraws(*args)
+        self.draws = TrainingDraws(*args, **kwargs)
         self.labels = ms.Parameter(ops.full((size,), -1, dtype=ms.int32), name="recorded.labels", requires_grad=False)
         self.cond = ms.Parameter(ops.full((size,), -1, dtype=ms.int32), name="recorded.cond", requires_grad=False)
 

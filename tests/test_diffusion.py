@@ -3,7 +3,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from ms_ddpm.processes import GaussianDiffusion, predict_eps, predict_x0
+from ms_ddpm.processes import GaussianDiffusion, predict_eps, predict_x0, vp_alpha_sigma
 from ms_ddpm.losses import DiffusionLoss, timestep_weights
 from ms_ddpm.schedules import get_beta_schedule
 from tests.helpers import import_torch_reference
@@ -36,8 +36,9 @@ def test_predictions_invert_the_forward_process(objective):
     x_t = d.q_sample(x0, t, noise)
     target = d.training_target(x0, t, noise)
     alpha_bar = ms.Tensor(d.alphas_cumprod[T_BATCH[1:]].reshape(-1, 1, 1, 1), ms.float32)
-    np.testing.assert_allclose(predict_x0(objective, target, x_t, alpha_bar).asnumpy(), x0.asnumpy(), atol=2e-3)
-    np.testing.assert_allclose(predict_eps(objective, target, x_t, alpha_bar).asnumpy(), noise.asnumpy(), atol=2e-3)
+    alpha, sigma = vp_alpha_sigma(alpha_bar)
+    np.testing.assert_allclose(predict_x0(objective, target, x_t, alpha, sigma).asnumpy(), x0.asnumpy(), atol=2e-3)
+    np.testing.assert_allclose(predict_eps(objective, target, x_t, alpha, sigma).asnumpy(), noise.asnumpy(), atol=2e-3)
 
 
 def test_loss_weights_match_their_formulas():
@@ -62,7 +63,7 @@ def test_weighted_losses_agree_across_objectives(objective):
     x_t = d_eps.q_sample(x0, t, noise)
     eps_hat = noise + 0.1  # a network that is wrong by 0.1 in eps
     alpha_bar = ms.Tensor(d_eps.alphas_cumprod[T_BATCH[1:]].reshape(-1, 1, 1, 1), ms.float32)
-    x0_hat = predict_x0("eps", eps_hat, x_t, alpha_bar)
+    x0_hat = predict_x0("eps", eps_hat, x_t, *vp_alpha_sigma(alpha_bar))
     pred = x0_hat if objective == "x0" else alpha_bar**0.5 * eps_hat - (1 - alpha_bar) ** 0.5 * x0_hat
     target = d_obj.training_target(x0, t, noise)
     for weighting in ("p2", "min_snr"):

@@ -7,8 +7,8 @@ import pytest
 from mindspore import nn, ops
 
 from ms_ddpm.guidance import ClassifierFreeGuidance
-from ms_ddpm.processes import VPSDE, GaussianDiffusion, predict_eps, predict_x0
-from ms_ddpm.samplers import DIFFUSION_SAMPLERS, create_sampler
+from ms_ddpm.processes import VPSDE, GaussianDiffusion, predict_eps, predict_x0, vp_alpha_sigma
+from ms_ddpm.samplers import create_sampler, samplers_for
 from ms_ddpm.schedules import get_beta_schedule
 from tests.helpers import alpha_bar_at
 
@@ -80,12 +80,13 @@ def test_mixing_the_outputs_equals_guiding_the_implied_eps(guided, objective):
     ab = ms.Tensor(diffusion.alphas_cumprod[t].reshape(-1, 1, 1, 1).astype(np.float32))
     xt = ms.Tensor(x)
     branches = [ms.Tensor(known(x, t, v).astype(np.float32)) for v in (labels, np.full_like(labels, NUM_CLASSES))]
-    eps_cond, eps_uncond = (predict_eps(objective, b, xt, ab).asnumpy() for b in branches)
+    alpha, sigma = vp_alpha_sigma(ab)
+    eps_cond, eps_uncond = (predict_eps(objective, b, xt, alpha, sigma).asnumpy() for b in branches)
     guided_eps = eps_uncond + scale * (eps_cond - eps_uncond)
-    np.testing.assert_allclose(predict_eps(objective, out, xt, ab).asnumpy(), guided_eps, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(predict_eps(objective, out, xt, *vp_alpha_sigma(ab)).asnumpy(), guided_eps, rtol=1e-4, atol=1e-4)
     # and back: the x0 of the guided output is the x0 of the guided eps
-    np.testing.assert_allclose(predict_x0(objective, out, xt, ab).asnumpy(),
-                               predict_x0("eps", ms.Tensor(guided_eps), xt, ab).asnumpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(predict_x0(objective, out, xt, *vp_alpha_sigma(ab)).asnumpy(),
+                               predict_x0("eps", ms.Tensor(guided_eps), xt, *vp_alpha_sigma(ab)).asnumpy(), rtol=1e-4, atol=1e-4)
     # the score the SDE samplers use, s = -eps / sqrt(1 - ab), guided the same way
     sde = VPSDE.from_diffusion(diffusion)
     label = int(t[0])
@@ -150,7 +151,7 @@ class GaussianClassNetwork(nn.Cell):
 
 
 @pytest.mark.parametrize("objective", ["eps", "x0", "v"])
-@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
+@pytest.mark.parametrize("name", samplers_for("ddpm"))
 def test_guided_sampling_equals_sampling_the_mixed_prediction(name, objective):
     """Every diffusion sampler, 20 steps, PyNative: sampling the guided network (scale 2, i.e. Ho & Salimans' w = 1)
     with labels equals sampling, from the same seed, the plain model that returns (1 + w) out_cond - w out_uncond

@@ -17,8 +17,7 @@ from ms_ddpm.config import Config, ConfigError
 from ms_ddpm.models.embeddings import timestep_embedding
 from ms_ddpm.pipeline import build_sampler
 from ms_ddpm.processes import VESDE, GaussianDiffusion
-from ms_ddpm.samplers import (DIFFUSION_SAMPLERS, NCSN_SAMPLERS, EulerAncestralSampler, EulerSampler, HeunSampler,
-                              create_sampler)
+from ms_ddpm.samplers import EulerAncestralSampler, EulerSampler, HeunSampler, create_sampler, samplers_for
 from ms_ddpm.samplers.base import FusedStep
 from ms_ddpm.schedules import get_beta_schedule, karras_sigmas, sigma_timesteps, timestep_sigmas
 from ms_ddpm.train.trainer import Trainer
@@ -229,14 +228,14 @@ def test_float_timesteps_reach_the_time_embedding():
 
 def test_the_samplers_are_registered_and_refuse_an_ncsn_process():
     for name in ("euler", "euler_ancestral", "heun"):
-        assert name in DIFFUSION_SAMPLERS and name not in NCSN_SAMPLERS
+        assert name in samplers_for("ddpm") and name not in samplers_for("ncsn")
     for cls in (EulerSampler, EulerAncestralSampler, HeunSampler):
-        with pytest.raises(ValueError, match=rf"^{cls.__name__} samples a GaussianDiffusion \(a VP chain\), "
-                                             r"got VESDE$"):
+        with pytest.raises(ValueError, match=rf"^{cls.__name__} does not run process 'ncsn'; it runs "
+                                             r"\['ddpm', 'edm', 'flow'\]$|\['ddpm', 'edm'\]$"):
             cls(VESDE(N=10))
     ncsn = Config.from_dict({"diffusion": {"process": "ncsn"}})
     with pytest.raises(ConfigError, match=r"sampler 'heun' does not sample a network of diffusion.process 'ncsn'; "
-                                          r"use one of \['ald', 'euler_maruyama', 'pc', 'ode'\]$"):
+                                          r"use one of \['euler_maruyama', 'pc', 'ode', 'ald'\]$"):
         build_sampler(ncsn, None, "heun")
     ddpm = Config.from_dict({"diffusion": {"process": "ddpm", "num_timesteps": 50}})
     sampler = build_sampler(ddpm, make_diffusion("linear", "eps"), "euler_ancestral", karras_sigmas=True)

@@ -1,5 +1,5 @@
 """NCSN (Song & Ermon 2019) in the training system: `diffusion.process: ncsn` trains a noise-conditional score
-network with NCSNLoss, writes annealed-Langevin grids, checkpoints, resumes, and `ms-ddpm sample` draws from it.
+network with its denoising score matching loss, writes annealed-Langevin grids, checkpoints, resumes, and `ms-ddpm sample` draws from it.
 
 One graph-mode training run per module and one resumed graph-mode run (compiles dominate the time); the sampling
 runs in PyNative mode and the error cases build no network.
@@ -12,10 +12,10 @@ import pytest
 
 from ms_ddpm.cli import main as cli_main
 from ms_ddpm.config import Config, ConfigError
-from ms_ddpm.losses import NCSNLoss
+from ms_ddpm.losses import DiffusionLoss
 from ms_ddpm.pipeline import DiffusionPipeline, build_sampler
 from ms_ddpm.processes import VESDE, create_process, geometric_sigmas
-from ms_ddpm.samplers import NCSN_SAMPLERS, AnnealedLangevinSampler
+from ms_ddpm.samplers import AnnealedLangevinSampler, samplers_for
 from ms_ddpm.train.trainer import Trainer
 from tests.helpers import MNIST5K
 
@@ -69,8 +69,8 @@ def graph_run(tmp_path_factory):
 
 def test_ncsn_trains_with_falling_loss_and_writes_an_ald_grid(graph_run):
     trainer, out = graph_run
-    assert isinstance(trainer.loss_fn, NCSNLoss) and isinstance(trainer.grid_sampler, AnnealedLangevinSampler)
-    np.testing.assert_allclose(trainer.loss_fn.sigmas.asnumpy(), geometric_sigmas(2.0, 0.02, 10), rtol=1e-6)
+    assert isinstance(trainer.loss_fn, DiffusionLoss) and trainer.loss_fn.process.name == "ncsn" and isinstance(trainer.grid_sampler, AnnealedLangevinSampler)
+    np.testing.assert_allclose(trainer.loss_fn.process._sigmas.asnumpy(), geometric_sigmas(2.0, 0.02, 10), rtol=1e-6)
     assert trainer.grid_sampler.step_lr == 8e-5 and trainer.grid_sampler.n_steps_each == 2
     losses = read_losses(out)
     assert len(losses) == STEPS and all(np.isfinite(losses))
@@ -124,7 +124,7 @@ def test_cli_samples_an_ncsn_checkpoint(graph_run, tmp_path, capsys):
     code, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--sampler", "ddim", "--mode", "pynative",
                            "--out", tmp_path / "ddim")
     assert code == 2 and "sampler 'ddim' does not sample a network of diffusion.process 'ncsn'" in err
-    assert str(list(NCSN_SAMPLERS)) in err and "Traceback" not in err
+    assert str(list(samplers_for("ncsn"))) in err and "Traceback" not in err
 
 
 def test_evaluate_measures_an_ncsn_checkpoint_with_ald(graph_run, capsys):
@@ -152,7 +152,7 @@ def test_cli_refuses_ald_for_a_ddpm_checkpoint(tmp_path, capsys):
 
 
 def test_bad_ncsn_configs_name_the_fix(tmp_path, capsys):
-    with pytest.raises(ConfigError, match=r"diffusion.process must be one of \['ddpm', 'ncsn'\], got 'smld'"):
+    with pytest.raises(ConfigError, match=r"diffusion.process must be one of \['ddpm', 'ncsn', 'edm', 'flow'\], got 'smld'"):
         Config.from_dict({"diffusion": {"process": "smld"}})
     with pytest.raises(ConfigError, match=r"diffusion key\(s\) \['num_timesteps', 'objective'\] are settings of "
                                           r"process 'ddpm' and do nothing with diffusion.process 'ncsn'"):
@@ -168,8 +168,8 @@ def test_bad_ncsn_configs_name_the_fix(tmp_path, capsys):
 
     for overrides, message in [
         (["train.sampler=ddim"], "train.sampler='ddim', train.sample_steps=2: sampler 'ddim' does not sample a "
-                                 "network of diffusion.process 'ncsn'; use one of ['ald', 'euler_maruyama', 'pc', "
-                                 "'ode']"),
+                                 "network of diffusion.process 'ncsn'; use one of ['euler_maruyama', 'pc', 'ode', "
+                                 "'ald']"),
         (["train.sample_steps=0"], "n_steps_each must be an integer >= 1"),
         (["diffusion.langevin_step_lr=0"], "step_lr must be > 0"),
         (["diffusion.sigma_min=3.0"], "need 0 < sigma_min < sigma_max, got sigma_min=3.0, sigma_max=2.0"),
@@ -183,7 +183,7 @@ def test_ncsn_samplers_are_built_on_the_checkpoint_levels():
     cfg = Config.from_dict({"diffusion": {"process": "ncsn", "num_noise_levels": 4, "langevin_step_lr": 1e-4}})
     process = create_process(cfg.diffusion)
     np.testing.assert_allclose(process.sigmas, geometric_sigmas(2.0, 0.02, 4), rtol=1e-12)
-    for name in NCSN_SAMPLERS:
+    for name in samplers_for("ncsn"):
         sampler = build_sampler(cfg, process, name)
         assert sampler.num_train_timesteps == 4 and sampler.init_noise_sigma == 2.0, name
     assert build_sampler(cfg, process, "ald").step_lr == 1e-4

@@ -13,8 +13,8 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from ms_ddpm.losses import NCSNLoss
-from ms_ddpm.processes import VESDE, VPSDE, GaussianDiffusion, SubVPSDE, geometric_sigmas
+from ms_ddpm.losses import DiffusionLoss
+from ms_ddpm.processes import VESDE, VPSDE, GaussianDiffusion, NoiseLevels, SubVPSDE, geometric_sigmas
 from ms_ddpm.samplers import (AnnealedLangevinSampler, DPMSolverSampler, EulerMaruyamaSampler, PredictorCorrectorSampler,
                               ProbabilityFlowSampler, create_sampler)
 from ms_ddpm.samplers.dpm_solver import dpm_solver_timesteps
@@ -236,9 +236,9 @@ def test_geometric_sigmas():
 
 
 def test_ncsn_loss_of_the_exact_score_has_its_known_value():
-    """For N(MU, S^2) data the optimal score gives 1/2 E||sigma s + z||^2 = D/2 S^2 / (S^2 + sigma^2) per level."""
+    """NCSN's loss (`DiffusionLoss` of its levels): for N(MU, S^2) data the optimal score gives 1/2 E||sigma s + z||^2 = D/2 S^2 / (S^2 + sigma^2) per level."""
     sigmas = geometric_sigmas(2.0, 0.05, 5)
-    loss_fn = NCSNLoss(lambda x, labels: exact_score_model(sigmas)(x, labels), sigmas)
+    loss_fn = DiffusionLoss(lambda x, labels: exact_score_model(sigmas)(x, labels), NoiseLevels(sigmas))
     rng = np.random.default_rng(0)
     shape = (20000, 1, 2, 2)
     x = ms.Tensor(rng.normal(MU, S, shape).astype(np.float32))
@@ -249,8 +249,8 @@ def test_ncsn_loss_of_the_exact_score_has_its_known_value():
     # per-sample loss has std about 0.9 (a scaled chi-square with 4 dof); 4 standard errors of the mean
     assert abs(loss - expected) < 4 * 0.9 / np.sqrt(shape[0]), (loss, expected)
     # a wrong score (the data std ignored) must do worse
-    wrong = NCSNLoss(lambda x, labels: ms.Tensor(-(x.asnumpy() - MU) / sigmas[labels.asnumpy()].reshape(-1, 1, 1, 1)
-                                                   ** 2), sigmas)
+    wrong = DiffusionLoss(lambda x, labels: ms.Tensor(-(x.asnumpy() - MU) / sigmas[labels.asnumpy()]
+                                                      .reshape(-1, 1, 1, 1) ** 2), NoiseLevels(sigmas))
     assert float(wrong(x, ms.Tensor(labels_np), noise).asnumpy()) > loss + 0.1
 
 
@@ -346,7 +346,8 @@ def test_bad_arguments_name_the_valid_range():
         AnnealedLangevinSampler(np.array([0.01, 1.0]))
     with pytest.raises(ValueError, match=r"objective must be one of \['eps'\]"):
         SubVPSDE(diffusion.betas, objective="v")
-    with pytest.raises(ValueError, match="process must be a GaussianDiffusion, VPSDE, SubVPSDE or VESDE"):
+    with pytest.raises(ValueError, match=r"EulerMaruyamaSampler does not run process None; it runs \['ddpm', 'ncsn', "
+                                         r"'vp_sde', 'subvp_sde'\]"):
         EulerMaruyamaSampler(diffusion.betas)
 
 

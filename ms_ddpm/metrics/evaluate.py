@@ -200,9 +200,12 @@ def evaluate(ckpt, sampler=None, steps=None, num=1000, batch_size=250, seed=0, f
 
     pipe = DiffusionPipeline.from_checkpoint(ckpt, mode=mode, device=device)
     cfg, net, process = pipe.config, pipe.network, pipe.process
-    if cfg.diffusion.process == "ncsn" and bpd_batches:
-        raise ValueError("bits/dim from the variational bound needs a DDPM chain; this checkpoint is an NCSN "
-                         "(diffusion.process ncsn): drop bpd_batches")
+    if bpd_batches and process.name != "ddpm":
+        raise ValueError("bits/dim from the variational bound needs a DDPM chain; this checkpoint's "
+                         f"diffusion.process is {process.name}: drop bpd_batches")
+    if bpd_ode_batches and process.name not in ("ddpm", "ncsn"):
+        raise ValueError(f"ODE bits/dim integrates the score SDEs of ddpm and ncsn; diffusion.process {process.name} "
+                         "has none here: drop bpd_ode_batches")
     if pipe.first_stage is not None and (bpd_batches or bpd_ode_batches):
         raise ValueError("bits/dim of a latent diffusion model would be those of its latents, not of the images: "
                          "drop --bpd-batches and --bpd-ode-batches")

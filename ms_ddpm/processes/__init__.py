@@ -1,35 +1,38 @@
 """Noise processes: how data are noised in training and what the samplers reverse.
 
-    gaussian.py  the DDPM chain (Ho et al. 2020): `GaussianDiffusion`, its posterior, the eps / x0 / v conversions
+    base.py      the protocol every process offers (`Process`) and the conversions between eps, x0, v, score and
+                 velocity, written once in alpha and sigma (`predict_x0`, `predict_eps`)
+    gaussian.py  the DDPM chain (Ho et al. 2020): `GaussianDiffusion`, its posterior
     sde.py       the score SDEs (Song et al. 2021): `VPSDE`, `SubVPSDE`, `VESDE`, and `as_sde`
     ncsn.py      NCSN's noise levels (Song & Ermon 2019): `geometric_sigmas`, `NoiseLevels`
+    edm.py       EDM (Karras et al. 2022): `EDM`, its preconditioning and log-normal sigmas
+    flow.py      rectified flow / flow matching (Liu et al. 2022; Esser et al. 2024): `RectifiedFlow`
 
-The interface every process offers the samplers (`ms_ddpm.samplers.Sampler` reads nothing else in common):
-    num_timesteps   the number of discrete labels ("timesteps", noise levels) the network is trained on
-    prior_std       standard deviation of the prior x_T ~ N(0, prior_std^2 I) sampling starts from
-    clip_denoised   whether the samplers clip the network's x_0 to [-1, 1]
-    objective       what the network outputs: "eps" / "x0" / "v" (Gaussian chains), "score" (NCSN, VE)
-
-`create_process(cfg.diffusion, latent)` builds the process a run config trains on.
+The registry `PROCESSES` maps each `diffusion.process` to its class, which owns its config keys (`config_class`),
+its loss target (`training_terms`) and its default sampler; each sampler names the processes it runs
+(`ms_ddpm.samplers`). `create_process(cfg.diffusion, latent)` builds the process a run config trains on.
 """
-from ..schedules import get_beta_schedule
-from .gaussian import OBJECTIVES, VARIANCE_TYPES, GaussianDiffusion, predict_eps, predict_x0, q_posterior_coefficients
-from .ncsn import NoiseLevels, geometric_sigmas
+from .base import PREDICTIONS, Process, predict_eps, predict_x0
+from .edm import EDM, EDMConfig
+from .flow import FlowConfig, RectifiedFlow
+from .gaussian import OBJECTIVES, VARIANCE_TYPES, DDPMConfig, GaussianDiffusion, q_posterior_coefficients, vp_alpha_sigma
+from .ncsn import NCSNConfig, NoiseLevels, geometric_sigmas
 from .sde import VESDE, VPSDE, SubVPSDE, as_sde
+
+#: diffusion.process -> the class it builds (ncsn: the VESDE whose discrete levels are NCSN's geometric sigmas)
+PROCESSES = {"ddpm": GaussianDiffusion, "ncsn": VESDE, "edm": EDM, "flow": RectifiedFlow}
 
 
 def create_process(diffusion_cfg, latent=False):
-    """The noise process of a `DiffusionConfig`: a `GaussianDiffusion` for process "ddpm"; for "ncsn" the `VESDE`
-    whose L discrete levels are NCSN's geometric sigmas, largest first (`.sigmas`), the levels both `NCSNLoss` and
-    the NCSN samplers take. `latent`: whether the process runs in an autoencoder's latent space, where
-    `clip_denoised` None means no clipping (in pixel space it means clipping to the data's [-1, 1])."""
+    """The noise process of a `DiffusionConfig` (`PROCESSES[diffusion.process]`). `latent`: whether it runs in an
+    autoencoder's latent space, where `clip_denoised` None means no clipping (in pixel space it means clipping to
+    the data's [-1, 1])."""
     d = diffusion_cfg
-    if d.process == "ncsn":
-        return VESDE(d.sigma_min, d.sigma_max, d.num_noise_levels)
-    betas = get_beta_schedule(d.beta_schedule, d.num_timesteps, d.beta_start, d.beta_end)
     clip = (not latent) if d.clip_denoised is None else d.clip_denoised
-    return GaussianDiffusion(betas, objective=d.objective, variance_type=d.variance_type, clip_denoised=clip)
+    return PROCESSES[d.process].from_config(d.settings, clip)
 
 
-__all__ = ["GaussianDiffusion", "OBJECTIVES", "VARIANCE_TYPES", "predict_eps", "predict_x0", "q_posterior_coefficients",
-           "NoiseLevels", "geometric_sigmas", "VPSDE", "SubVPSDE", "VESDE", "as_sde", "create_process"]
+__all__ = ["Process", "PREDICTIONS", "predict_eps", "predict_x0", "GaussianDiffusion", "OBJECTIVES", "VARIANCE_TYPES",
+           "DDPMConfig", "q_posterior_coefficients", "vp_alpha_sigma", "NoiseLevels", "NCSNConfig", "geometric_sigmas",
+           "VPSDE", "SubVPSDE", "VESDE", "as_sde", "EDM", "EDMConfig", "RectifiedFlow", "FlowConfig", "PROCESSES",
+           "create_process"]

@@ -10,17 +10,43 @@ The network predicts one of three targets (`objective`):
 
 Tables are built once in NumPy float64 (as improved-diffusion does) and kept twice: as float64 arrays for the
 samplers, which index them with Python integers, and as float32 tensors that the training graph gathers per sample.
-The prediction conversions accept either a Python float or a broadcastable tensor for alpha_bar, so the samplers
-and the training loss share one implementation of each formula.
+The network's output is read through `ms_ddpm.processes.base.predict_x0` / `predict_eps` at
+(alpha, sigma) = `vp_alpha_sigma(alpha_bar)`, floats in the samplers and tensors in the training graph.
 """
+from dataclasses import dataclass
+
 import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
+from mindspore import ops
 
+from ..schedules import get_beta_schedule, karras_sigmas, sigma_timesteps, spaced_timesteps, timestep_sigmas
 from ..utils import check_choice
+from .base import Process, denoiser_coefficients, predict_x0
 
 OBJECTIVES = ("eps", "x0", "v")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+
+@dataclass
+class DDPMConfig:
+    """diffusion keys of process ddpm."""
+
+    num_timesteps: int = 1000  # T, training chain length
+    beta_schedule: str = "linear"  # linear | cosine | quadratic | sigmoid
+    beta_start: float = 1.0e-4  # first beta (linear / quadratic / sigmoid); not rescaled with T
+    beta_end: float = 0.02  # last beta
+    objective: str = "eps"  # what the network predicts: eps | x0 | v
+    variance_type: str = "fixed_small"  # reverse variance for DDPM sampling: fixed_small | fixed_large
+    loss_type: str = "l2"  # l1 | l2 | huber (smooth L1, as the annotated tutorial)
+    loss_weighting: str = "none"  # none | p2 | min_snr
+    min_snr_gamma: float = 5.0  # gamma of min-SNR weighting (Hang et al. 2023)
+    p2_gamma: float = 1.0  # gamma of P2 weighting (Choi et al. 2022)
+    p2_k: float = 1.0  # k of P2 weighting
+
+    def loss_options(self):
+        """The keyword arguments of `ms_ddpm.losses.DiffusionLoss` these keys set."""
+        return dict(loss_type=self.loss_type, weighting=self.loss_weighting, p2_gamma=self.p2_gamma, p2_k=self.p2_k,
+                    min_snr_gamma=self.min_snr_gamma)
 
 
 def q_posterior_coefficients(alpha_bar_t, alpha_bar_prev):
@@ -41,29 +67,13 @@ def q_posterior_coefficients(alpha_bar_t, alpha_bar_prev):
     return coef_x0, coef_xt, beta_tilde, beta
 
 
-def predict_x0(objective, model_output, x_t, alpha_bar):
-    """x_0 implied by the network output at a point x_t whose cumulative alpha is `alpha_bar`.
-
-    eps: x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)                      (inverse of Eq. 4)
-    v:   x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v                           (Salimans & Ho, Sec. 4)
-    """
-    if objective == "eps":
-        return (x_t - (1 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5
-    if objective == "v":
-        return alpha_bar**0.5 * x_t - (1 - alpha_bar) ** 0.5 * model_output
-    return model_output
+def vp_alpha_sigma(alpha_bar):
+    """(alpha, sigma) = (sqrt(alpha_bar), sqrt(1 - alpha_bar)) of a VP chain (Eq. 4), for `predict_x0` / `predict_eps`
+    (floats or tensors)."""
+    return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
 
 
-def predict_eps(objective, model_output, x_t, alpha_bar):
-    """epsilon implied by the network output (see `predict_x0`); v: eps = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) x_t."""
-    if objective == "eps":
-        return model_output
-    if objective == "v":
-        return alpha_bar**0.5 * model_output + (1 - alpha_bar) ** 0.5 * x_t
-    return (x_t - alpha_bar**0.5 * model_output) / (1 - alpha_bar) ** 0.5
-
-
-class GaussianDiffusion(nn.Cell):
+class GaussianDiffusion(Process):
     """The DDPM forward process, its posterior and the reverse-process parameterisation.
 
     A parameter-free Cell so that its tensor methods compile inside a training graph; the samplers use the NumPy
@@ -77,18 +87,17 @@ class GaussianDiffusion(nn.Cell):
         clip_denoised: clip predicted x_0 to [-1, 1] when sampling, as the DDPM reference code does.
     """
 
-    #: standard deviation of the prior x_T ~ N(0, I) the samplers start from (the process interface, see
-    #: `ms_ddpm.processes`)
-    prior_std = 1.0
+    name = "ddpm"
+    config_class = DDPMConfig
+    default_sampler = "ddim"
 
     def __init__(self, betas, objective="eps", variance_type="fixed_small", clip_denoised=True):
-        super().__init__()
+        super().__init__(clip_denoised)
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not np.all((betas > 0) & (betas < 1)):
             raise ValueError("betas must be a 1-D array with every value in (0, 1)")
-        self.objective = check_choice("objective", objective, OBJECTIVES)
+        self.objective = self.prediction = check_choice("objective", objective, OBJECTIVES)
         self.variance_type = check_choice("variance_type", variance_type, VARIANCE_TYPES)
-        self.clip_denoised = bool(clip_denoised)
         self.num_timesteps = len(betas)
 
         # q(x_t | x_0), Eq. 4
@@ -121,6 +130,12 @@ class GaussianDiffusion(nn.Cell):
         self._model_variance = ms.Tensor(self.model_variance, ms.float32)
         self._model_log_variance = ms.Tensor(self.model_log_variance, ms.float32)
 
+    @classmethod
+    def from_config(cls, settings, clip_denoised):
+        betas = get_beta_schedule(settings.beta_schedule, settings.num_timesteps, settings.beta_start,
+                                  settings.beta_end)
+        return cls(betas, settings.objective, settings.variance_type, clip_denoised)
+
     @property
     def snr(self):
         """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) per timestep, float64 (Kingma et al. 2021, Eq. 1)."""
@@ -149,6 +164,35 @@ class GaussianDiffusion(nn.Cell):
             - self._extract(self._sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
         )
 
+    def training_terms(self, x_start, t, noise):
+        """(x_t, t, target, None): the network sees x_t and the integer timestep (Algorithm 1); no weight here
+        (`ms_ddpm.losses.DiffusionLoss` applies the loss weighting)."""
+        return self.q_sample(x_start, t, noise), t, self.training_target(x_start, t, noise), None
+
+    # --- the sigma frame of Karras et al. 2022 (Table 1, VP column): x = x_t / sqrt(alpha_bar), s = sigma_t ------
+    def ode_grid(self, num_steps, timestep_spacing, karras):
+        """diffusers' Euler / Heun grids: "linspace" timesteps unrounded (their levels interpolated between training
+        timesteps, `timestep_sigmas`), "leading" / "trailing" as `spaced_timesteps`; with `karras`, the N levels of
+        Eq. 5 (rho 7) between the spacing's smallest and largest, each at its fractional timestep. A "leading"
+        chain starts below the last training timestep, from N(0, sigma_max^2 + 1), as diffusers."""
+        timesteps = spaced_timesteps(self.num_timesteps, num_steps, timestep_spacing, integer=False)
+        levels = timestep_sigmas(self.alphas_cumprod, timesteps)
+        if karras:
+            levels = karras_sigmas(levels[-1], levels[0], num_steps)
+            timesteps = sigma_timesteps(self.alphas_cumprod, levels)
+        sigma_max = float(levels.max())
+        init_noise_sigma = sigma_max if timestep_spacing != "leading" else (sigma_max**2 + 1.0) ** 0.5
+        return timesteps, np.append(levels, 0.0), init_noise_sigma
+
+    def level_time(self, level):
+        return sigma_timesteps(self.alphas_cumprod, level)
+
+    def denoiser(self, level):
+        """x_t = alpha x with alpha = 1 / sqrt(s^2 + 1), sigma = s alpha; the network sees x_t (c_in = alpha)."""
+        alpha = 1.0 / (level**2 + 1.0) ** 0.5
+        c_skip, c_out = denoiser_coefficients(self.objective, alpha, level * alpha)
+        return c_skip * alpha, c_out, alpha
+
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (Eqs. 6-7); t is a (B,) int tensor."""
         mean = (
@@ -166,7 +210,8 @@ class GaussianDiffusion(nn.Cell):
         which for the eps objective is Eq. 11), clipped to [-1, 1] when `clip_denoised`.
         """
         alpha_bar = self._extract(self._alphas_cumprod, t, x_t)
-        x0_hat = predict_x0(self.objective, model_output, x_t, alpha_bar)
+        alpha, sigma = vp_alpha_sigma(alpha_bar)
+        x0_hat = predict_x0(self.objective, model_output, x_t, alpha, sigma)
         if self.clip_denoised:
             x0_hat = ops.clamp(x0_hat, -1.0, 1.0)
         mean, _, _ = self.q_posterior_mean_variance(x0_hat, x_t, t)

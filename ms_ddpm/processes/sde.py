@@ -36,11 +36,12 @@ from mindspore import ops
 
 from ..schedules import spaced_timesteps
 from ..utils import check_choice
-from .gaussian import OBJECTIVES, GaussianDiffusion, predict_eps, predict_x0
-from .ncsn import NoiseLevels, geometric_sigmas
+from .base import Process, predict_eps, predict_x0
+from .gaussian import OBJECTIVES, GaussianDiffusion, vp_alpha_sigma
+from .ncsn import NCSNConfig, NoiseLevels, geometric_sigmas
 
 
-class VPSDE:
+class VPSDE(Process):
     """Variance-preserving SDE of a DDPM chain with betas (T,): dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw (Eq. 11).
 
     Args:
@@ -49,14 +50,14 @@ class VPSDE:
         clip_denoised: clip the x_0 the samplers report (`denoised`) to [-1, 1], as the diffusion it comes from.
     """
 
-    prior_std = 1.0
+    name = "vp_sde"
 
     def __init__(self, betas, objective="eps", clip_denoised=False):
+        super().__init__(clip_denoised)
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not np.all((betas > 0) & (betas < 1)):
             raise ValueError("betas must be a 1-D array with every value in (0, 1)")
-        self.objective = check_choice("objective", objective, OBJECTIVES)
-        self.clip_denoised = bool(clip_denoised)
+        self.objective = self.prediction = check_choice("objective", objective, OBJECTIVES)
         self.num_timesteps = len(betas)
         self.betas = betas
         self.alphas_cumprod = np.cumprod(1.0 - betas)
@@ -103,11 +104,12 @@ class VPSDE:
     def score(self, model_output, x, label):
         """grad_x log p_t(x) = -eps / s(t), eps from the network output via `predict_eps`."""
         alpha_bar = self.alpha_bar(label)
-        return predict_eps(self.objective, model_output, x, alpha_bar) * (-1.0 / (1.0 - alpha_bar) ** 0.5)
+        eps = predict_eps(self.objective, model_output, x, *vp_alpha_sigma(alpha_bar))
+        return eps * (-1.0 / (1.0 - alpha_bar) ** 0.5)
 
     def denoised(self, model_output, x, label):
         """x0_hat = E[x_0 | x_t] implied by the network output (`predict_x0`), clipped when `clip_denoised`."""
-        x0 = predict_x0(self.objective, model_output, x, self.alpha_bar(label))
+        x0 = predict_x0(self.objective, model_output, x, *vp_alpha_sigma(self.alpha_bar(label)))
         return ops.clamp(x0, -1.0, 1.0) if self.clip_denoised else x0
 
 
@@ -117,6 +119,8 @@ class SubVPSDE(VPSDE):
     Its marginal std is 1 - alpha_bar(t), below VP's sqrt(1 - alpha_bar(t)) (Eq. 35), so a DDPM eps-network does not
     fit it: the network must predict eps for this std (objective "eps" only).
     """
+
+    name = "subvp_sde"
 
     def __init__(self, betas, objective="eps"):
         if objective != "eps":
@@ -157,9 +161,16 @@ class VESDE(NoiseLevels):
         N: number of discrete levels, >= 2.
     """
 
+    config_class = NCSNConfig  # diffusion.process ncsn builds its VESDE
+    default_sampler = "ald"
+
     def __init__(self, sigma_min=0.01, sigma_max=50.0, N=1000):
         super().__init__(geometric_sigmas(sigma_max, sigma_min, N))
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    @classmethod
+    def from_config(cls, settings, clip_denoised):
+        return cls(settings.sigma_min, settings.sigma_max, settings.num_noise_levels)
 
     def labels(self, num_steps, spacing):
         """Ascending level indices (noisiest first): N - 1 - the spaced DDPM-style timesteps."""

@@ -1,7 +1,20 @@
-"""Samplers of the reverse process, all with the interface of `Sampler`."""
+"""Samplers of the reverse process, all with the interface of `Sampler`.
+
+Each sampler names the processes it runs (its `processes`, `Process.name`s); `create_sampler` refuses any other
+pairing in one line, and `samplers_for(process)` lists the fitting ones:
+
+| sampler          | ddpm | ncsn | edm | flow |
+| ---------------- | ---- | ---- | --- | ---- |
+| ddpm, ddim       | x    |      |     |      |
+| dpm_solver       | x    |      |     |      |
+| euler_maruyama, pc, ode | x | x  |     |      |
+| ald              |      | x    |     |      |
+| euler, heun      | x    |      | x   | x    |
+| euler_ancestral  | x    |      | x   |      |
+"""
 from ..schedules import spaced_timesteps
 from ..utils import check_choice
-from .base import Sampler, SamplerOutput
+from .base import Sampler, SamplerOutput, check_pairing
 from .ddim import DDIMSampler
 from .ddpm import DDPMSampler
 from .dpm_solver import DPMSolverSampler
@@ -11,8 +24,8 @@ from .langevin import AnnealedLangevinSampler
 from .score_sde import EulerMaruyamaSampler, PredictorCorrectorSampler, ProbabilityFlowSampler, ScoreSDESampler
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
-# score-based and fast samplers. Their first argument: a GaussianDiffusion, or for the SDE samplers any SDE
-# (VPSDE / SubVPSDE / VESDE), and for "ald" the noise levels (a NoiseLevels or VESDE, or a sigma array)
+# score-based and fast samplers. The SDE samplers also take any SDE (VPSDE / SubVPSDE / VESDE), and "ald" the
+# noise levels (a NoiseLevels or VESDE, or a sigma array)
 SAMPLERS.update({
     "euler_maruyama": EulerMaruyamaSampler,
     "pc": PredictorCorrectorSampler,
@@ -20,25 +33,29 @@ SAMPLERS.update({
     "dpm_solver": DPMSolverSampler,
     "ald": AnnealedLangevinSampler,
 })
-# the samplers of Karras et al. 2022 in the sigma frame of a GaussianDiffusion (diffusers' Euler / Heun schedulers)
+# the samplers of Karras et al. 2022 in a process's sampling frame (diffusers' Euler / Heun schedulers)
 SAMPLERS.update({"euler": EulerSampler, "euler_ancestral": EulerAncestralSampler, "heun": HeunSampler})
 # the samplers that take karras_sigmas=True
 KARRAS_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_solver")
 
-# the samplers a model trained with GaussianDiffusion drives ("ald" needs an NCSN's noise levels instead)
-DIFFUSION_SAMPLERS = tuple(name for name in SAMPLERS if name != "ald")
-# the samplers an NCSN score network drives: annealed Langevin on its noise levels, and the VE SDE samplers, whose
-# discrete levels are the same geometric sigmas (Song et al. 2021, Sec. 3.4 and Eq. 9: NCSN discretises the VE SDE)
-NCSN_SAMPLERS = ("ald", "euler_maruyama", "pc", "ode")
+
+def samplers_for(process_name):
+    """The names of the samplers that run process `process_name`, in SAMPLERS' order."""
+    return tuple(name for name, cls in SAMPLERS.items() if process_name in cls.processes)
 
 
 def create_sampler(name, process, **kwargs):
     """Build a sampler by name (one of SAMPLERS) for `process` (see `ms_ddpm.processes`; for "ald": the noise
-    levels); kwargs go to its constructor."""
-    return SAMPLERS[check_choice("sampler", name, SAMPLERS)](process, **kwargs)
+    levels); kwargs go to its constructor. A process the sampler does not run is refused, naming those that do."""
+    cls = SAMPLERS[check_choice("sampler", name, SAMPLERS)]
+    process_name = getattr(process, "name", None)
+    if process_name is not None and process_name not in cls.processes:
+        raise ValueError(f"sampler {name!r} does not run process {process_name!r}; its samplers: "
+                         f"{list(samplers_for(process_name))}")
+    return cls(process, **kwargs)
 
 
 __all__ = ["Sampler", "SamplerOutput", "spaced_timesteps", "DDPMSampler", "DDIMSampler", "SAMPLERS",
-           "DIFFUSION_SAMPLERS", "NCSN_SAMPLERS", "KARRAS_SAMPLERS", "create_sampler", "DPMSolverSampler",
+           "KARRAS_SAMPLERS", "samplers_for", "check_pairing", "create_sampler", "DPMSolverSampler",
            "EulerMaruyamaSampler", "PredictorCorrectorSampler", "ProbabilityFlowSampler", "ScoreSDESampler",
            "AnnealedLangevinSampler", "EulerSampler", "EulerAncestralSampler", "HeunSampler"]

@@ -14,9 +14,20 @@ from mindspore import nn, ops
 from tqdm.auto import tqdm
 
 from ..models import call_network
-from ..processes import predict_x0
+from ..processes import predict_x0, vp_alpha_sigma
 from ..schedules import TIMESTEP_SPACINGS, spaced_timesteps
 from ..utils import check_choice
+
+
+#: the default number of steps on a continuous-time process (diffusers' pipelines' default)
+CONTINUOUS_STEPS = 50
+
+
+def check_pairing(sampler_cls, process):
+    """Refuse a process the sampler cannot run, in one line naming those it can."""
+    name = getattr(process, "name", None)
+    if name not in sampler_cls.processes:
+        raise ValueError(f"{sampler_cls.__name__} does not run process {name!r}; it runs {list(sampler_cls.processes)}")
 
 
 @dataclass
@@ -56,26 +67,33 @@ class Sampler:
     """Base class: timesteps, forward noising, and the sampling loop. Subclasses implement `step`.
 
     Args:
-        process: the noise process the network was trained on (`ms_ddpm.processes`). The base class reads the
-            interface every process offers: `num_timesteps`, `prior_std` and `clip_denoised` (and `objective` for
-            the conversions of `predicted_x0`); the DDPM-family samplers also its `alphas_cumprod`.
+        process: the noise process the network was trained on (`ms_ddpm.processes`), one the sampler's
+            `processes` names. The base class reads the interface every process offers: `name`, `num_timesteps`,
+            `prior_std` and `clip_denoised` (and `objective` for the conversions of `predicted_x0`); the
+            DDPM-family samplers also its `alphas_cumprod`, the Euler family its sampling frame.
         timestep_spacing: how `set_timesteps` picks a subset of the training timesteps (see `spaced_timesteps`).
-        num_inference_steps: the first `set_timesteps` argument; None: every training timestep.
+        num_inference_steps: the first `set_timesteps` argument; None: every training timestep (continuous time:
+            CONTINUOUS_STEPS).
     """
 
+    #: the processes (`Process.name`) the sampler runs; `check_pairing` refuses the others
+    processes = ("ddpm",)
     #: whether `step` uses fresh noise (the loop then draws it from its seeded generator)
     stochastic = True
     #: dtype of the timesteps handed to the network: integers, or float32 where they can be fractional (Euler family)
     timestep_dtype = np.int32
 
     def __init__(self, process, timestep_spacing="leading", num_inference_steps=None):
+        check_pairing(type(self), process)
         self.process = process
         self.num_train_timesteps = process.num_timesteps
         #: standard deviation of x_T ~ N(0, init_noise_sigma^2 I): 1 for VP chains, sigma_max for VE / NCSN
         self.init_noise_sigma = float(process.prior_std)
         self.timestep_spacing = check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         self._step_index = 0  # samplers whose step depends on the call order (PC, Heun, multistep, ALD) count calls
-        self.set_timesteps(self.num_train_timesteps if num_inference_steps is None else num_inference_steps)
+        if num_inference_steps is None:
+            num_inference_steps = CONTINUOUS_STEPS if self.num_train_timesteps is None else self.num_train_timesteps
+        self.set_timesteps(num_inference_steps)
 
     def set_timesteps(self, num_inference_steps):
         """Choose the (descending) timesteps the loop visits; sets `self.timesteps` and `self.num_inference_steps`."""
@@ -102,6 +120,10 @@ class Sampler:
             raise ValueError(f"step called out of order: call {self._step_index} got timestep {timestep} "
                              "(call set_timesteps to restart)")
 
+    def start(self, x_T, rng):
+        """The loop's first sample from x_T (Heun's churn adds noise here, from the loop's generator `rng`)."""
+        return x_T
+
     def input_scale(self, timestep):
         """The factor `scale_model_input` applies at `timestep` (a float), or None: the sample is the input."""
         return None
@@ -124,7 +146,8 @@ class Sampler:
 
     def predicted_x0(self, model_output, sample, alpha_bar):
         """x_0 implied by the network output, clipped to [-1, 1] when the process says so."""
-        x0 = predict_x0(self.process.objective, model_output, sample, alpha_bar)
+        alpha, sigma = vp_alpha_sigma(alpha_bar)
+        x0 = predict_x0(self.process.objective, model_output, sample, alpha, sigma)
         return ops.clamp(x0, -1.0, 1.0) if self.process.clip_denoised else x0
 
     def sample_progressive(self, model, shape, seed=None, x_T=None, progress=True, cond=None):
@@ -141,8 +164,8 @@ class Sampler:
         rng = np.random.default_rng(seed)
         if x_T is None:
             x_T = ms.Tensor(rng.standard_normal(shape, dtype=np.float32) * np.float32(self.init_noise_sigma))
-        x = x_T
         self._step_index = 0
+        x = self.start(x_T, rng)
         fused = self._fused_step(model)
         for timestep in tqdm(self.timesteps, desc=type(self).__name__, disable=not progress, leave=False):
             timestep = self.timestep_dtype(timestep).item()  # a Python int, or float

@@ -5,7 +5,7 @@ eta -> eta; "direction pointing to x_t" -> direction.
 """
 from mindspore import ops
 
-from ..processes import predict_eps
+from ..processes import predict_eps, vp_alpha_sigma
 from .base import Sampler, SamplerOutput
 
 
@@ -45,10 +45,11 @@ class DDIMSampler(Sampler):
     def update(self, model_output, sample, noise, alpha_bar_t, coef_x0, coef_eps, std_dev_t):
         """Eq. 12 given the scalars of `coefficients` (floats, or 0-d tensors inside a compiled step)."""
         x0_hat = self.predicted_x0(model_output, sample, alpha_bar_t)  # "predicted x_0", clipped
+        alpha, sigma = vp_alpha_sigma(alpha_bar_t)
         if self.use_clipped_model_output and self.process.clip_denoised:
-            eps_hat = predict_eps("x0", x0_hat, sample, alpha_bar_t)  # the eps of x_t and the clipped x0_hat
+            eps_hat = predict_eps("x0", x0_hat, sample, alpha, sigma)  # the eps of x_t and the clipped x0_hat
         else:
-            eps_hat = predict_eps(self.process.objective, model_output, sample, alpha_bar_t)
+            eps_hat = predict_eps(self.process.objective, model_output, sample, alpha, sigma)
         prev_sample = coef_x0 * x0_hat + coef_eps * eps_hat
         if self.stochastic:  # random noise sigma_t z
             prev_sample = prev_sample + std_dev_t * noise

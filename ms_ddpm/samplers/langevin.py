@@ -32,6 +32,7 @@ class AnnealedLangevinSampler(Sampler):
         final_denoise: add the denoising step at sigma_L.
     """
 
+    processes = ("ncsn",)
     stochastic = True
 
     def __init__(self, noise_levels, step_lr=2e-5, n_steps_each=100, final_denoise=True):

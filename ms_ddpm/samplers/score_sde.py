@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..models import call_network
 from ..processes import as_sde
-from .base import Sampler, SamplerOutput
+from .base import Sampler, SamplerOutput, check_pairing
 
 
 class ScoreSDESampler(Sampler):
@@ -31,7 +31,11 @@ class ScoreSDESampler(Sampler):
 
     stochastic = True
 
+    # a ddpm chain is sampled through its VP SDE (`as_sde`); ncsn is the VE SDE
+    processes = ("ddpm", "ncsn", "vp_sde", "subvp_sde")
+
     def __init__(self, process, timestep_spacing="linspace"):
+        check_pairing(type(self), process)
         super().__init__(as_sde(process), timestep_spacing)
 
     @property

@@ -1,5 +1,5 @@
 """The random inputs of a training step, drawn on the device inside the compiled step: the timesteps t (NCSN: the
-level indices), the noise, and which class labels are dropped.
+level indices; continuous processes: their float time), the noise, and which class labels are dropped.
 
 A counter-based generator (Salmon et al. 2011, "Parallel Random Numbers: As Easy as 1, 2, 3"): Threefry-2x32 with
 20 rounds maps a key (the run's seed) and a counter to 64 random bits, and keeps no state besides the counter. The
@@ -10,7 +10,9 @@ stateful random ops, StandardNormal or UniformInt, keep a state that can be neit
 
 Counter layout: sample i of step s's global batch (rank-major, then micro-batch, then position in the micro-batch)
 uses the counters (s, i K + k), k < K = 1 + ceil(C H W / 2). Counter k = 0 gives t and the label-drop uniform,
-each later one two normals (Box & Muller 1958). A sample's draws therefore do not depend on how the global batch is
+each later one two normals (Box & Muller 1958). Continuous time comes from the same bits as integer t: a uniform in
+(0, 1) that the process maps to its time (`Process.training_time`: inverse CDFs, one draw per sample), so runs
+with integer timesteps draw what they drew before. A sample's draws therefore do not depend on how the global batch is
 split over ranks and micro-batches: ranks draw different noise, and 2 ranks x 2 micro-batches of 4 draw what one
 device draws for a batch of 16.
 
@@ -58,6 +60,12 @@ def _uniform(bits):
     return ops.bitwise_right_shift(bits, 8).astype(ms.float32) * (2.0**-24)
 
 
+def _open_uniform(bits):
+    """uint32 values -> float32 uniform in (0, 1): the top 24 bits, centred in their bin (never 0 or 1, so an
+    inverse CDF of it is finite)."""
+    return (ops.bitwise_right_shift(bits, 8).astype(ms.float32) + 0.5) * (2.0**-24)
+
+
 def _sample_size(shape):
     """C H W of a batch `shape` (B, C, H, W) (a loop: graph mode compiles it, not math.prod)."""
     n = 1
@@ -77,14 +85,17 @@ class TrainingDraws(nn.Cell):
     tensor) of the step's global batch.
 
     t (B,) int32 uniform in [0, num_labels) (Ho et al. 2020, Algorithm 1; NCSN: the level indices), as
-    floor(u32 * num_labels / 2^32); noise (B, C, H, W) float32 standard normal by Box-Muller on two 24-bit uniforms
+    floor(u32 * num_labels / 2^32); with num_labels None, float32 `training_time(u)` of a uniform u in (0, 1)
+    (a continuous process's draw of its time: EDM's log-normal sigma, flow's t); noise (B, C, H, W) float32 standard normal by Box-Muller on two 24-bit uniforms
     (|noise| < 5.8: the tail beyond it, probability 8e-9, is cut); cond: the labels (B,) or None, each label
     replaced by `null_label` with probability `drop_prob` (Ho & Salimans 2021, Algorithm 1).
     A step's global batch may hold at most 2^32 / K samples (K = `counters_per_sample(shape)`).
     """
 
-    def __init__(self, seed, num_labels, drop_prob=0.0, null_label=None):
+    def __init__(self, seed, num_labels, drop_prob=0.0, null_label=None, training_time=None):
         super().__init__()
+        if (num_labels is None) == (training_time is None):
+            raise ValueError("give the number of integer labels, or a continuous process's training_time")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"train.seed must be an integer in [0, 2**64), got {seed!r}")
         if drop_prob > 0 and null_label is None:
@@ -94,7 +105,8 @@ class TrainingDraws(nn.Cell):
         library = cpu_library()
         self.threefry = None if library is None else ThreefryKernel(str(library.path))
         self.key_tensor = ms.Tensor(self.key, ms.int64)
-        self.num_labels = int(num_labels)
+        self.num_labels = None if num_labels is None else int(num_labels)
+        self.training_time = training_time
         self.drop_prob = float(drop_prob)
         self.null_label = null_label
 
@@ -107,7 +119,10 @@ class TrainingDraws(nn.Cell):
             x0, x1 = self.threefry(self.key_tensor, step.astype(ms.int64), counter)
         else:
             x0, x1 = threefry2x32(self.key, step.astype(ms.int64), counter)
-        t = ops.bitwise_right_shift(x0[:, 0] * self.num_labels, 32).astype(ms.int32)
+        if self.num_labels is None:
+            t = self.training_time(_open_uniform(x0[:, 0]))
+        else:
+            t = ops.bitwise_right_shift(x0[:, 0] * self.num_labels, 32).astype(ms.int32)
         radius = ops.sqrt(-2.0 * ops.log(1.0 - _uniform(x0[:, 1:])))  # 1 - u in (0, 1]: the log is finite
         angle = (2 * math.pi) * _uniform(x1[:, 1:])
         noise = ops.stack((radius * ops.cos(angle), radius * ops.sin(angle)), axis=-1).reshape(b, -1)

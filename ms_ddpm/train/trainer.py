@@ -1,8 +1,8 @@
 """The training loop: config -> data -> model -> diffusion loss -> compiled step -> EMA -> logs, grids, checkpoints.
 
-Two processes (`diffusion.process`): "ddpm" trains the network on a `GaussianDiffusion` chain with `DiffusionLoss`
-(Ho et al. 2020); "ncsn" trains a noise-conditional score network with `NCSNLoss` on L geometric noise levels (Song &
-Ermon 2019), the network's "timestep" input being the level index, and samples it with annealed Langevin dynamics.
+The noise process (`diffusion.process`, `ms_ddpm.processes.PROCESSES`: ddpm, ncsn, edm, flow) gives the loss its
+target (`DiffusionLoss` reads the process's `training_terms`) and the step its time draw: integer labels uniform
+for the discrete processes, the process's `training_time` for the continuous ones.
 
 First stage (`model.name: autoencoder_kl`): the trainer trains the latent-diffusion autoencoder instead of a
 denoising network, with `AutoencoderLoss` (reconstruction + `autoencoder.kl_weight` x KL; the eps of its posterior
@@ -48,7 +48,6 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-import yaml
 from mindspore import amp, nn, ops
 from mindspore.train.amp import AMP_WHITE_LIST
 from tqdm.auto import tqdm
@@ -58,7 +57,7 @@ from ..config import AutoencoderConfig, Config, ConfigError, DiffusionConfig
 from ..data import create_dataset, iterate
 from ..guidance import trained_null_label
 from ..latent import FirstStage, diffusion_shape, encode_split, load_autoencoder, resolve_scaling_factor
-from ..losses import AutoencoderLoss, DiffusionLoss, NCSNLoss
+from ..losses import AutoencoderLoss, DiffusionLoss
 from ..metrics.evaluate import real_images
 from ..models import AutoencoderKL, apply_batched, create_model, recompute_blocks
 from ..pipeline import DiffusionPipeline, build_sampler, check_class_rows, check_image_size
@@ -197,7 +196,7 @@ def build_optimizer(t, params, lr_values):
 
 def check_resumable(saved_yaml, cfg):
     """Refuse to resume a run whose config differs from the checkpoint's in anything but RESUMABLE_KEYS."""
-    saved = Config.from_dict(yaml.safe_load(saved_yaml)).to_dict()
+    saved = Config.from_stored(saved_yaml).to_dict()
     current = cfg.to_dict()
     diffs = [f"{s}.{k}: checkpoint {saved[s][k]!r} vs now {current[s][k]!r}"
              for s in current for k in current[s]
@@ -243,14 +242,14 @@ class Trainer:
         d = cfg.diffusion
         if self.first_stage_run:
             self.loss_fn = AutoencoderLoss(self.model, cfg.autoencoder.loss_type, cfg.autoencoder.kl_weight)
-            self.num_labels = 1  # no timesteps: the step's t is drawn and unused
-        elif d.process == "ncsn":
-            self.loss_fn = NCSNLoss(self.model, self.process.sigmas)
-            self.num_labels = self.process.num_timesteps  # level indices i, uniform as the expectation over i of Eq. 6
+            time = dict(num_labels=1)  # no timesteps: the step's t is drawn and unused
         else:
-            self.loss_fn = DiffusionLoss(self.model, self.process, d.loss_type, d.loss_weighting, d.p2_gamma,
-                                         d.p2_k, d.min_snr_gamma)
-            self.num_labels = self.process.num_timesteps  # timesteps t, uniform as in Algorithm 1 of Ho et al.
+            # the loss settings are process ddpm's (DDPMConfig.loss_options); the other processes have none
+            self.loss_fn = DiffusionLoss(self.model, self.process, **getattr(d.settings, "loss_options", dict)())
+            # integer labels uniform (Algorithm 1 of Ho et al.; NCSN's level indices), else the process's own draw
+            discrete = self.process.num_timesteps is not None
+            time = dict(num_labels=self.process.num_timesteps if discrete else None,
+                        training_time=None if discrete else self.process.training_time)
         # built now, so a sampler that does not fit the process or a bad step count fails before training
         self.grid_sampler = None if self.first_stage_run else self._grid_sampler()
         self.grid_pipeline = None  # the sampling network, built at the first grid and reused for every later one
@@ -269,8 +268,8 @@ class Trainer:
             raise ConfigError(f"a global batch of {global_batch} images of {shape[1:]} needs more than 2^32 random "
                               "counters per step: lower train.batch_size or train.grad_accumulation")
         try:
-            draws = TrainingDraws(t.seed, self.num_labels, d.cond_drop_prob if self.conditional else 0.0,
-                                  self.null_label)
+            draws = TrainingDraws(t.seed, drop_prob=d.cond_drop_prob if self.conditional else 0.0,
+                                  null_label=self.null_label, **time)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.step_fn = TrainStep(self.loss_fn, self.optimizer, build_loss_scaler(t), draws, t.grad_clip,
@@ -299,7 +298,8 @@ class Trainer:
         flipped images)."""
         cfg = self.cfg
         if self.first_stage_run:
-            unused = [f"diffusion.{k}" for k, v in vars(cfg.diffusion).items() if v != getattr(DiffusionConfig(), k)]
+            default = DiffusionConfig().to_dict()
+            unused = [f"diffusion.{k}" for k, v in cfg.diffusion.to_dict().items() if default.get(k) != v]
             unused += ["latent.autoencoder"] if cfg.latent.autoencoder else []
             if unused:
                 raise ConfigError(f"{', '.join(unused)}: model.name autoencoder_kl trains the autoencoder, not a "
