@@ -169,14 +169,14 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines (JSON lines in train_log.jsonl)
     sample_every: int = 500  # steps between sample grids of the EMA model; 0 disables
     num_samples: int = 16  # images in each sample grid
-    sampler: str = "ddim"  # sampler of the periodic grids
+    sampler: Optional[str] = None  # sampler of the periodic grids; None: the process's own (ddpm: ddim)
     sample_steps: int = 50  # its number of steps
     # FD / KID of the EMA model against the test split while training (ms_ddpm.train.evaluation), on rank 0,
     # logged to train_log.jsonl and plotted in metrics.png; the lowest FD's checkpoint is kept as ckpt_best.ckpt
     eval_every: int = 0  # steps between evaluations (and at the last step); 0 disables
     eval_num: int = 256  # samples per evaluation (FD is biased upwards at small numbers: compare at one eval_num)
     eval_batch_size: int = 256  # samples per sampling batch
-    eval_sampler: str = "ddim"  # sampler of the evaluations (DDIM: eta 0)
+    eval_sampler: Optional[str] = None  # sampler of the evaluations; None: the process's own (ddpm: ddim, eta 0)
     eval_steps: int = 10  # its number of steps
     # feature-extractor checkpoint (as ms-ddpm evaluate --features); None: for MNIST / Fashion-MNIST a classifier
     # trained once per data set and cached, for other data raw pixels (a pixel-space FD, not comparable to FID)

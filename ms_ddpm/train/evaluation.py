@@ -38,7 +38,7 @@ from ..metrics.evaluate import distances, extract_features, feature_space, pixel
 from ..metrics.frechet import feature_statistics
 from ..metrics.reconstruction import psnr
 from ..models import apply_batched
-from ..pipeline import build_sampler
+from ..pipeline import build_sampler, default_sampler
 from ..utils import check_int
 from ..visualize import save_training_curves
 
@@ -125,7 +125,7 @@ class TrainingEvaluation:
             self.best_fd = fd
             save_best_checkpoint(trainer.output_dir, trainer.step, trainer.state_parameters(), trainer.cfg.to_yaml())
         record = {"event": "eval", "step": trainer.step, "fd": fd, "kid": kid, "best": best,
-                  "features": self.features, "num": t.eval_num, "sampler": t.eval_sampler, "steps": t.eval_steps,
+                  "features": self.features, "num": t.eval_num, "sampler": t.eval_sampler or default_sampler(self.cfg), "steps": t.eval_steps,
                   "seconds": time.perf_counter() - start}
         trainer.log(record)
         save_training_curves(run_records(trainer.log_path), trainer.output_dir / "metrics.png")

@@ -74,9 +74,10 @@ from .randomness import TrainingDraws, counters_per_sample
 from .step import DataParallelReduce, TrainStep
 
 # train.* keys that may change between a run and its resumption; everything else must match. (A new train.steps
-# stretches the cosine schedule from the resumed step on; train.recompute changes memory and time, not the numbers.)
+# stretches the cosine schedule from the resumed step on; train.recompute changes memory and time, not the numbers;
+# the samplers of grids and evaluations change what is looked at, not what is trained.)
 RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "save_every", "keep_checkpoints", "num_samples",
-                  "max_nonfinite_steps", "output_dir", "eval_every", "recompute"}
+                  "max_nonfinite_steps", "output_dir", "eval_every", "recompute", "sampler", "eval_sampler"}
 
 
 class TrainingError(RuntimeError):
