@@ -57,13 +57,13 @@ class DiffusionConfig:
     def __getattr__(self, name):
         # only for names that are not fields: the process's own keys
         settings = self.__dict__.get("settings")
-        if settings is not None and name in {f.name for f in dataclasses.fields(settings)}:
+        if settings is not None and name in _keys(settings):
             return getattr(settings, name)
         raise AttributeError(f"diffusion.{name} is not a key of process {self.__dict__.get('process')!r}")
 
     def __setattr__(self, name, value):
         settings = self.__dict__.get("settings")
-        if settings is not None and name in {f.name for f in dataclasses.fields(settings)}:
+        if settings is not None and name in _keys(settings):
             setattr(settings, name, value)
         else:
             object.__setattr__(self, name, value)
@@ -85,8 +85,8 @@ class DiffusionConfig:
             rest = {k: v for k, v in rest.items() if k in own or not _default_elsewhere(processes, process, k, v)}
         foreign = {}
         for k in sorted(set(rest) - set(own)):
-            foreign.setdefault(next((n for n, c in processes.items()
-                                     if k in {f.name for f in dataclasses.fields(c.config_class)}), None), []).append(k)
+            foreign.setdefault(next((n for n, c in processes.items() if k in _keys(c.config_class)), None),
+                               []).append(k)
         for other, keys in foreign.items():
             if other is None:
                 raise ConfigError(f"unknown key(s) {keys} in section 'diffusion'; valid keys of process {process!r}: "
@@ -105,6 +105,11 @@ class DiffusionConfig:
     def to_dict(self):
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "settings"}
         return {**values, **dataclasses.asdict(self.settings)}
+
+
+def _keys(config_class):
+    """The key names of a process's config class (or instance)."""
+    return {f.name for f in dataclasses.fields(config_class)}
 
 
 def _processes():

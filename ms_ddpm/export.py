@@ -15,7 +15,6 @@ DDPMScheduler describes; latent runs, whose samples DDPMPipeline would not decod
 """
 from pathlib import Path
 
-
 from .checkpoint import load_checkpoint, load_weights
 from .config import Config
 from .diffusers_format import (SCHEDULER, UNET, VAE, ConversionError, ddpm_scheduler_config, unet2d_config,

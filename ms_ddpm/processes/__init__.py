@@ -15,7 +15,8 @@ its loss target (`training_terms`) and its default sampler; each sampler names t
 from .base import PREDICTIONS, Process, predict_eps, predict_x0
 from .edm import EDM, EDMConfig
 from .flow import FlowConfig, RectifiedFlow
-from .gaussian import OBJECTIVES, VARIANCE_TYPES, DDPMConfig, GaussianDiffusion, q_posterior_coefficients, vp_alpha_sigma
+from .gaussian import (OBJECTIVES, VARIANCE_TYPES, DDPMConfig, GaussianDiffusion, q_posterior_coefficients,
+                       vp_alpha_sigma)
 from .ncsn import NCSNConfig, NoiseLevels, geometric_sigmas
 from .sde import VESDE, VPSDE, SubVPSDE, as_sde
 

@@ -42,7 +42,8 @@ class HeunSampler(EulerSampler):
         if s_churn > 0 and not process.sigma_frame:
             raise ValueError(f"s_churn: the churn of Algorithm 2 adds noise in the sigma frame, which process "
                              f"{process.name!r} does not sample in; drop s_churn")
-        self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)
+        self.s_churn, self.s_tmin, self.s_tmax = float(s_churn), float(s_tmin), float(s_tmax)
+        self.s_noise = float(s_noise)
         self.stochastic = self.s_churn > 0
         super().__init__(process, timestep_spacing, karras_sigmas)
 

@@ -125,7 +125,8 @@ class TrainingEvaluation:
             self.best_fd = fd
             save_best_checkpoint(trainer.output_dir, trainer.step, trainer.state_parameters(), trainer.cfg.to_yaml())
         record = {"event": "eval", "step": trainer.step, "fd": fd, "kid": kid, "best": best,
-                  "features": self.features, "num": t.eval_num, "sampler": t.eval_sampler or default_sampler(self.cfg), "steps": t.eval_steps,
+                  "features": self.features, "num": t.eval_num,
+                  "sampler": t.eval_sampler or default_sampler(self.cfg), "steps": t.eval_steps,
                   "seconds": time.perf_counter() - start}
         trainer.log(record)
         save_training_curves(run_records(trainer.log_path), trainer.output_dir / "metrics.png")
