@@ -27,7 +27,8 @@ def train_main(args):
     """Returns the exit status: 0 when training finished, 128 + the signal number when a signal stopped it."""
     from .runtime import set_runtime
     from .train.distributed import init_distributed
-    from .train.trainer import Preempted, Trainer, TrainingError
+    from .train.preemption import Preempted
+    from .train.trainer import Trainer, TrainingError
 
     cfg = Config.load(args.config, args.set)
     set_runtime(cfg.train)  # the device must be set before a distributed init

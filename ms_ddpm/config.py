@@ -144,6 +144,13 @@ class DataConfig:
     class_names: Optional[list] = None
 
 
+# train.* keys that may change between a run and its resumption (`Config.check_resumable`); everything else must
+# match. (A new train.steps stretches the cosine schedule from the resumed step on; train.recompute changes memory
+# and time, not the numbers; the samplers of grids and evaluations change what is looked at, not what is trained.)
+RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "save_every", "keep_checkpoints", "num_samples",
+                  "max_nonfinite_steps", "output_dir", "eval_every", "recompute", "sampler", "eval_sampler"}
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = "outputs/run"  # checkpoints, logs, config and sample grids go here
@@ -363,6 +370,17 @@ class Config:
     def from_stored(cls, text):
         """The config a checkpoint stores (its YAML text)."""
         return cls.from_dict(yaml.safe_load(str(text)), stored=True)
+
+    def check_resumable(self, stored):
+        """Refuse to resume, with this config, a checkpoint whose stored config (YAML text) differs from it in
+        anything but RESUMABLE_KEYS."""
+        saved, current = Config.from_stored(stored).to_dict(), self.to_dict()
+        diffs = [f"{s}.{k}: checkpoint {saved[s][k]!r} vs now {current[s][k]!r}"
+                 for s in current for k in current[s]
+                 if current[s][k] != saved[s][k] and not (s == "train" and k in RESUMABLE_KEYS)]
+        if diffs:
+            raise ConfigError("cannot resume: the config differs from the checkpoint's in " + "; ".join(diffs)
+                              + ". Use the checkpoint's config (config.yaml in the run folder) or a new output_dir.")
 
     def to_dict(self):
         return {f.name: (getattr(self, f.name).to_dict() if f.name == "diffusion" else

@@ -10,7 +10,8 @@ configs against the `diffusion` section, and the files of a `DDPMPipeline` folde
 downloaded google/ddpm-cifar10-32 as well; scripts/convert_diffusers_unet.py maps a UNet2DModel config with the
 same tables. A setting that one side cannot represent is refused with a `ConversionError` naming it: UNet2DModel
 options `DDPMUNet` hard-wires (flipped sinusoids, symmetric downsampling padding, multi-head attention, other block
-types, ...), trained or zero-SNR betas, learned variances, thresholding, another process than a DDPM chain.
+types, ...), trained or zero-SNR betas, unbounded learned variances (`learned`; `learned_range` is read and
+written), thresholding, another process than a DDPM chain.
 
 Weights are read and written with `safetensors.numpy`: no torch (a torch `.bin` is read only where torch is
 installed, by `models.state_dict.read_state_dict`).
@@ -156,7 +157,7 @@ def unet2d_config(kwargs):
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "quadratic": "scaled_linear",
                   "sigmoid": "sigmoid"}
 PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
-VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_large": "fixed_large"}
+VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_large": "fixed_large", "learned_range": "learned_range"}
 # DDPMScheduler options ms_ddpm's chain hard-wires: (diffusers default when the key is absent, required value)
 _SCHEDULER_FIXED = {
     "trained_betas": (None, None),
@@ -267,10 +268,12 @@ def read_ddpm_pipeline(folder):
         diffusion = diffusion_section(read_config(folder / SCHEDULER / "scheduler_config.json"))
     except ConversionError as err:
         raise ConversionError(f"{folder}: {err}") from None
-    if kwargs["out_channels"] != kwargs["in_channels"]:
+    # a learned variance's network outputs the prediction and its variance (`ms_ddpm.processes.split_output`)
+    expected = kwargs["in_channels"] * (2 if diffusion["variance_type"] == "learned_range" else 1)
+    if kwargs["out_channels"] != expected:
         raise ConversionError(f"{folder}: the UNet has {kwargs['out_channels']} output channels for "
-                              f"{kwargs['in_channels']} input channels; ms_ddpm's samplers take a prediction of the "
-                              "input's shape")
+                              f"{kwargs['in_channels']} input channels and variance_type "
+                              f"{diffusion['variance_type']!r}; ms_ddpm's samplers take {expected}")
     weights = folder / UNET / WEIGHTS
     if not weights.is_file() and (folder / UNET / LEGACY_WEIGHTS).is_file():
         weights = folder / UNET / LEGACY_WEIGHTS

@@ -20,8 +20,9 @@ from .config import Config
 from .diffusers_format import (SCHEDULER, UNET, VAE, ConversionError, ddpm_scheduler_config, unet2d_config,
                                write_ddpm_pipeline, write_model)
 from .latent import encode_split, resolve_scaling_factor
-from .models import AutoencoderKL, create_model
+from .models import AutoencoderKL
 from .models.ddpm_unet import to_diffusers_state_dict
+from .pipeline import create_network, network_kwargs
 from .processes import create_process
 from .runtime import set_runtime
 
@@ -56,7 +57,7 @@ def export_checkpoint(path, out, use_ema=True):
     if not autoencoder:  # before the network is built: an NCSN run is refused here
         clip = create_process(cfg.diffusion).clip_denoised  # pixel space: clip_denoised None means clipping
         scheduler = ddpm_scheduler_config(cfg.diffusion, clip)
-    net = create_model(cfg.model.name, **cfg.model.kwargs)
+    net = create_network(cfg)
     kind = load_weights(net, state, path, use_ema)
     net.set_train(False)
     if autoencoder:
@@ -64,5 +65,5 @@ def export_checkpoint(path, out, use_ema=True):
         config = AutoencoderKL.diffusers_config(cfg.model.kwargs, scale, cfg.data.image_size)
         write_model(out / VAE, config, to_diffusers_state_dict(net))
         return [out / VAE], kind, scale
-    write_ddpm_pipeline(out, unet2d_config(cfg.model.kwargs), scheduler, to_diffusers_state_dict(net))
+    write_ddpm_pipeline(out, unet2d_config(network_kwargs(cfg)), scheduler, to_diffusers_state_dict(net))
     return [out / UNET, out / SCHEDULER, out / "model_index.json"], kind, None

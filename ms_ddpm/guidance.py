@@ -18,6 +18,10 @@ affine in eps with coefficients fixed by x_t and t (Ho et al. 2020, Eq. 4; Salim
 The two branches see the same x_t and t, so out = a eps + b x_t with the same a, b in both, and since the mixing
 weights (1 - guidance_scale) + guidance_scale sum to 1, guiding the outputs equals guiding the implied eps and
 converting back (tests/test_guidance.py checks it for each objective).
+
+A network with a learned variance (2C output channels, `ms_ddpm.processes.split_output`) has its prediction half
+mixed and the unconditional branch's variance half passed through, as improved-diffusion's guided sampling: the
+variance is not affine in eps, and Eq. 6 says nothing about it.
 """
 import mindspore as ms
 from mindspore import nn, ops
@@ -45,13 +49,16 @@ class ClassifierFreeGuidance(nn.Cell):
         network: a class-conditional network whose label `null_label` is the unconditional branch.
         null_label: index of the null label (the number of real classes, `Unet(num_classes=N)`'s row N).
         guidance_scale: the scale, >= 0 (1: no guidance; use the network itself then, which costs half).
+        learned_variance: whether the output's second half is a learned variance (the process's
+            `learned_variance`), which is not mixed.
     """
 
-    def __init__(self, network, null_label, guidance_scale):
+    def __init__(self, network, null_label, guidance_scale, learned_variance=False):
         # auto_prefix=False: the network's parameters keep their names, so the wrapped network stays loadable
         super().__init__(auto_prefix=False)
         self.network = network
         self.null_label = int(null_label)
+        self.learned_variance = bool(learned_variance)
         self.guidance_scale = ms.Parameter(ms.Tensor(0.0, ms.float32), name="guidance_scale", requires_grad=False)
         self.set_guidance_scale(guidance_scale)
 
@@ -65,4 +72,8 @@ class ClassifierFreeGuidance(nn.Cell):
         null = ops.full_like(cond, self.null_label)
         out = self.network(ops.cat((x, x)), ops.cat((t, t)), ops.cat((cond, null)))
         out_cond, out_uncond = out[:batch], out[batch:]
-        return out_uncond + self.guidance_scale.astype(out.dtype) * (out_cond - out_uncond)
+        if not self.learned_variance:
+            return out_uncond + self.guidance_scale.astype(out.dtype) * (out_cond - out_uncond)
+        c = out.shape[1] // 2
+        mean = out_uncond[:, :c] + self.guidance_scale.astype(out.dtype) * (out_cond[:, :c] - out_uncond[:, :c])
+        return ops.cat((mean, out_uncond[:, c:]), axis=1)

@@ -10,6 +10,13 @@ w * SNR / (SNR + 1). (The identities are exact for L2, approximate for L1/Huber.
     p2:      w = 1 / (k + SNR)^gamma (Choi et al. 2022, "Perception Prioritized Training", Eq. 8).
     min_snr: w = min(SNR, gamma) / SNR (Hang et al. 2023, Eq. 11).
 
+A learned variance (DDPM's `variance_type: learned_range`, Nichol & Dhariwal 2021) adds the bound: L_hybrid =
+L_simple + lambda L_vlb (their Sec. 3.1), L_vlb = T E_t[L_t] estimated by the drawn t's term in bits/dim
+(`ms_ddpm.metrics.likelihood.vb_terms_bpd`: the KL of Eq. 5, the discretised decoder at t = 0) with the gradient
+to the mean stopped, so the bound trains the variance half only and L_simple the prediction: lambda T L_t, which
+for lambda = 0.001 is improved-diffusion's `LossType.RESCALED_MSE` (its vb term times T / 1000). The weightings
+apply to L_simple alone.
+
 `DiffusionLoss` takes the condition of the generation (`cond`, e.g. class labels, with the null label where the
 trainer dropped it for classifier-free guidance) and hands it to the network.
 """
@@ -17,8 +24,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from .metrics.likelihood import vb_terms_bpd
 from .models import call_network
 from .models.autoencoder_kl import kl_standard_normal, sample_posterior
+from .processes import split_output
 from .utils import check_choice
 
 LOSS_TYPES = ("l1", "l2", "huber")
@@ -53,10 +62,11 @@ class DiffusionLoss(nn.Cell):
     The loss is computed in float32 whatever dtype the network runs in (mixed precision). `loss_type` and
     `weighting` are process ddpm's settings (`DDPMConfig.loss_options`); the other processes regress with L2,
     weighted as their papers. `huber` is smooth L1 with beta = 1 (PyTorch's `F.smooth_l1_loss`), the loss of the
-    annotated-diffusion tutorial.
+    annotated-diffusion tutorial. `vlb_weight`: lambda of L_hybrid, for a process with a learned variance.
     """
 
-    def __init__(self, network, process, loss_type="l2", weighting="none", p2_gamma=1.0, p2_k=1.0, min_snr_gamma=5.0):
+    def __init__(self, network, process, loss_type="l2", weighting="none", p2_gamma=1.0, p2_k=1.0, min_snr_gamma=5.0,
+                 vlb_weight=0.001):
         # auto_prefix=False keeps the network's parameter names its own (no "network." prefix), so checkpoints
         # load into a bare network, as with MindSpore's WithLossCell
         super().__init__(auto_prefix=False)
@@ -69,10 +79,14 @@ class DiffusionLoss(nn.Cell):
                              "regresses with l2 as its paper")
         if self.weighted:
             self.weights = ms.Tensor(timestep_weights(process, weighting, p2_gamma, p2_k, min_snr_gamma), ms.float32)
+        # lambda L_vlb = lambda T E_t[L_t]: the drawn t's term times lambda T
+        self.vlb_scale = float(vlb_weight) * (process.num_timesteps or 0) if process.learned_variance else 0.0
 
     def construct(self, x_start, t, noise, cond=None):
         model_input, time, target, weight = self.process.training_terms(x_start, t, noise)
-        diff = call_network(self.network, model_input, time, cond).astype(ms.float32) - target
+        output = call_network(self.network, model_input, time, cond).astype(ms.float32)
+        prediction, v = split_output(self.process, output)
+        diff = prediction - target
         if self.loss_type == "l1":
             loss = ops.abs(diff)
         elif self.loss_type == "l2":
@@ -85,6 +99,9 @@ class DiffusionLoss(nn.Cell):
             loss = loss * weight
         if self.weighted:
             loss = loss * ops.gather(self.weights, t, 0)
+        if v is not None:  # the bound through the variance half only (Nichol & Dhariwal 2021, Sec. 3.1)
+            frozen = ops.cat((ops.stop_gradient(prediction), v), axis=1)
+            loss = loss + self.vlb_scale * vb_terms_bpd(self.process, frozen, x_start, model_input, t)
         return loss.mean()
 
 

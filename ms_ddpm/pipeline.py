@@ -58,6 +58,32 @@ def build_sampler(cfg, process, name=None, **kwargs):
     return create_sampler(name, process, **kwargs)
 
 
+# the denoising networks' (input channels, output channels) constructor arguments
+OUTPUT_CHANNELS = {"unet": ("channels", "out_dim"), "ddpm_unet": ("in_channels", "out_channels")}
+
+
+def network_kwargs(cfg):
+    """The constructor arguments of the run's network: `model.kwargs`, with the output channels of a learned
+    variance (the prediction and the variance's v: twice the input channels, `ms_ddpm.processes.split_output`)
+    filled in, so a config never doubles them by hand; a config that sets them otherwise is refused."""
+    kwargs = dict(cfg.model.kwargs)
+    learned = getattr(cfg.diffusion.settings, "variance_type", None) == "learned_range"
+    if not learned or cfg.model.name not in OUTPUT_CHANNELS:
+        return kwargs
+    channels_key, out_key = OUTPUT_CHANNELS[cfg.model.name]
+    channels = kwargs.get(channels_key, 3)  # both networks default to RGB
+    if kwargs.get(out_key) not in (None, 2 * channels):
+        raise ConfigError(f"model.kwargs.{out_key}={kwargs[out_key]}: with diffusion.variance_type learned_range "
+                          f"the network outputs the prediction and its variance, {2 * channels} channels; drop it")
+    kwargs[out_key] = 2 * channels
+    return kwargs
+
+
+def create_network(cfg):
+    """The run's network, built from `network_kwargs(cfg)`."""
+    return create_model(cfg.model.name, **network_kwargs(cfg))
+
+
 def check_class_rows(network, cfg):
     """Refuse a network whose class embedding does not fit the config's classes and label dropout.
 
@@ -134,7 +160,7 @@ class DiffusionPipeline:
         # sampling runs in float32: the training precision does not apply (nor its device limits)
         cfg.train.mode, cfg.train.device, cfg.train.amp_level = mode, device, "O0"
         set_runtime(cfg.train)
-        net = create_model(cfg.model.name, **cfg.model.kwargs)
+        net = create_network(cfg)
         kind = load_weights(net, state, path, use_ema)
         first_stage = None
         if cfg.latent.autoencoder_kwargs is not None:  # its weights travel in the checkpoint, never trained
@@ -163,7 +189,7 @@ class DiffusionPipeline:
         cfg, state_dict = read_ddpm_pipeline(path)
         cfg.train.mode, cfg.train.device = mode, device
         set_runtime(cfg.train)
-        net = create_model(cfg.model.name, **cfg.model.kwargs)
+        net = create_network(cfg)
         try:
             load_diffusers_weights(net, state_dict)
         except ValueError as err:
@@ -220,7 +246,8 @@ class DiffusionPipeline:
                              "which this model was not trained on (diffusion.cond_drop_prob 0, or no null row): use "
                              "guidance scale 1")
         if self._guided is None:
-            self._guided = ClassifierFreeGuidance(self.network, self.null_label, guidance_scale)
+            self._guided = ClassifierFreeGuidance(self.network, self.null_label, guidance_scale,
+                                                  self.process.learned_variance)
         else:
             self._guided.set_guidance_scale(guidance_scale)
         return self._guided

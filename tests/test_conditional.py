@@ -48,7 +48,7 @@ def cond_config(output_dir, **train):
 def full_run(tmp_path_factory):
     """8 uninterrupted steps with grids at steps 4 and 8, counting the networks the trainer builds."""
     out = tmp_path_factory.mktemp("cond_full")
-    with mock.patch("ms_ddpm.train.trainer.create_model", wraps=create_model) as builds:
+    with mock.patch("ms_ddpm.pipeline.create_model", wraps=create_model) as builds:  # via create_network
         trainer = Trainer(cond_config(out))
         trainer.train()
     return trainer, out, builds.call_count
@@ -68,7 +68,7 @@ def test_one_sampling_network_per_run(full_run):
     trainer, out, builds = full_run
     assert builds == 2
     assert (out / "samples_00000004.png").is_file() and (out / "samples_00000008.png").is_file()
-    for ema, p in zip(trainer.ema.ema_weights, trainer.grid_pipeline.network.trainable_params()):
+    for ema, p in zip(trainer.ema.ema_weights, trainer.task.grid_pipeline.network.trainable_params()):
         np.testing.assert_array_equal(p.asnumpy(), ema.asnumpy())  # the last grid used the EMA weights
 
 
@@ -220,7 +220,7 @@ def test_tiny_conditional_model_learns_its_classes(graph_classes_run):
     """20 DDIM steps from the EMA weights, 20 samples per class (no guidance): each sample's nearest class template
     is its own class for 80% of them or more (chance: 1/3)."""
     trainer, _, _ = graph_classes_run
-    samples, labels = trainer.sampling_pipeline()(60, sampler="ddim", steps=20, seed=0, batch_size=60,
+    samples, labels = trainer.task.sampling_pipeline()(60, sampler="ddim", steps=20, seed=0, batch_size=60,
                                                   progress=False)
     templates = class_templates().astype(np.float32) / 127.5 - 1
     nearest = np.square(samples[:, 0, None] - templates).sum(axis=(2, 3)).argmin(axis=1)

@@ -1,7 +1,8 @@
 """`ms-ddpm export` and `DiffusionPipeline.from_pretrained`: checkpoints as diffusers folders, and diffusers folders
 sampled here without a conversion step.
 
-Run checkpoints of tiny DDPMUNets (unconditional, and class-conditional with a null row) and of a tiny autoencoder
+Run checkpoints of tiny DDPMUNets (unconditional, class-conditional with a null row, and with a learned variance:
+2C output channels, `variance_type: learned_range`) and of a tiny autoencoder
 are written directly, not trained: their norms and biases drawn away from 1 and 0 (so a gamma/beta swap shows) and
 EMA weights that differ from the raw ones. diffusers loads the exported folders in PyTorch; its networks give our
 outputs on the same inputs (graph and PyNative mode, each network compiled once) and its scheduler the run's betas.
@@ -23,9 +24,8 @@ from ms_ddpm.config import Config
 from ms_ddpm.data import create_dataset, iterate
 from ms_ddpm.diffusers_format import ConversionError
 from ms_ddpm.export import export_checkpoint
-from ms_ddpm.models import create_model
 from ms_ddpm.models.ddpm_unet import convert_diffusers_state_dict
-from ms_ddpm.pipeline import DiffusionPipeline
+from ms_ddpm.pipeline import DiffusionPipeline, create_network
 from ms_ddpm.processes import create_process
 from tests.helpers import assert_matches_reference as assert_matches
 from tests.helpers import execution_mode, import_torch_reference, randomise_norms_and_biases
@@ -45,6 +45,11 @@ RUNS = {
         "diffusion": {"num_timesteps": 20, "beta_schedule": "cosine", "objective": "v", "cond_drop_prob": 0.1},
         "data": {"name": "cifar10", "image_size": 8, "channels": 3, "class_names": [f"c{i}" for i in range(10)]},
     },
+    "learned-variance": {  # out_channels 2 from the config (`network_kwargs`), not written in it
+        "model": {"name": "ddpm_unet", "kwargs": UNET_KWARGS},
+        "diffusion": {"num_timesteps": 20, "beta_schedule": "linear", "variance_type": "learned_range"},
+        "data": {"image_size": 8, "channels": 1},
+    },
 }
 # f = 2: 8x8 digits -> 2 x 4 x 4 latents
 AE_KWARGS = {"in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16], "layers_per_block": 1,
@@ -63,7 +68,7 @@ def write_run_checkpoint(folder, raw_config, seed):
     weights, the raw weights by name)."""
     cfg = Config.from_dict(raw_config)
     ms.set_seed(seed)
-    net = create_model(cfg.model.name, **cfg.model.kwargs)
+    net = create_network(cfg)
     rng = np.random.default_rng(seed)
     for p in net.get_parameters():
         if p.name.endswith(("gamma", "beta", "bias")):
@@ -133,11 +138,41 @@ def test_the_scheduler_is_the_runs_chain(run, runs, torch_pipelines):
     cfg = Config.from_dict(runs[run]["config"])
     process = create_process(cfg.diffusion)
     np.testing.assert_allclose(scheduler.betas.numpy(), process.betas, rtol=1e-6)
-    expected = {"unconditional": ("epsilon", "fixed_large", False), "class-conditional": ("v_prediction",
-                                                                                          "fixed_small", True)}[run]
+    expected = {"unconditional": ("epsilon", "fixed_large", False),
+                "class-conditional": ("v_prediction", "fixed_small", True),
+                "learned-variance": ("epsilon", "learned_range", True)}[run]
     c = scheduler.config
     assert (c.prediction_type, c.variance_type, c.clip_sample) == expected
-    assert type(torch_pipelines[run]["pipe"].unet).__name__ == "UNet2DModel"
+    unet = torch_pipelines[run]["pipe"].unet
+    assert type(unet).__name__ == "UNet2DModel"
+    assert unet.config.out_channels == unet.config.in_channels * (2 if run == "learned-variance" else 1)
+
+
+def patch_diffusers_noise(torch, monkeypatch, seed):
+    """diffusers' DDPMPipeline and DDPMScheduler draw the noise our sampler draws from `seed` (x_T, then one
+    array per step; diffusers skips the last step's, which ours draws unused)."""
+    from diffusers.pipelines.ddpm import pipeline_ddpm
+    from diffusers.schedulers import scheduling_ddpm
+
+    rng = np.random.default_rng(seed)
+
+    def our_noise(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))
+
+    monkeypatch.setattr(pipeline_ddpm, "randn_tensor", our_noise)
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", our_noise)
+
+
+def test_a_learned_variance_export_samples_in_diffusers_as_here(runs, torch_pipelines, monkeypatch):
+    """DDPM ancestral sampling with the learned variance over the whole chain: diffusers' DDPMPipeline on the
+    exported folder (DDPMScheduler's learned_range) from the same noise returns our checkpoint's samples."""
+    torch, _ = import_torch_reference()
+    patch_diffusers_noise(torch, monkeypatch, seed=3)
+    theirs = torch_pipelines["learned-variance"]["pipe"](batch_size=2, num_inference_steps=20, output_type="np").images
+    with execution_mode(ms.PYNATIVE_MODE):
+        ours, _ = DiffusionPipeline.from_checkpoint(runs["learned-variance"]["ckpt"], mode="pynative")(
+            2, sampler="ddpm", seed=3, progress=False)
+    assert_matches(ours.transpose(0, 2, 3, 1) * 0.5 + 0.5, theirs)
 
 
 def test_no_ema_exports_the_raw_weights(runs, tmp_path, capsys):
@@ -294,16 +329,7 @@ def test_from_pretrained_samples_as_diffusers_from_the_same_noise(diffusers_fold
     """DDPM ancestral sampling over all 12 timesteps: diffusers' DDPMPipeline, its noise replaced by the draws our
     sampler makes from seed 0 (x_T, then one draw per step), returns our samples (in [0, 1], channels last)."""
     torch, diffusers = import_torch_reference()
-    from diffusers.pipelines.ddpm import pipeline_ddpm
-    from diffusers.schedulers import scheduling_ddpm
-
-    rng = np.random.default_rng(0)
-
-    def our_noise(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32))
-
-    monkeypatch.setattr(pipeline_ddpm, "randn_tensor", our_noise)
-    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", our_noise)
+    patch_diffusers_noise(torch, monkeypatch, seed=0)
     theirs = diffusers.DDPMPipeline.from_pretrained(str(diffusers_folder))(
         batch_size=2, num_inference_steps=12, output_type="np").images
     d = pretrained.config.diffusion
@@ -315,8 +341,11 @@ def test_from_pretrained_samples_as_diffusers_from_the_same_noise(diffusers_fold
 
 
 @pytest.mark.parametrize("file, change, message", [
+    ("scheduler/scheduler_config.json", {"variance_type": "learned"},
+     "variance_type 'learned' has no counterpart in ms_ddpm"),
     ("scheduler/scheduler_config.json", {"variance_type": "learned_range"},
-     "variance_type 'learned_range' has no counterpart in ms_ddpm"),
+     "the UNet has 3 output channels for 3 input channels and variance_type 'learned_range'; ms_ddpm's samplers "
+     "take 6"),
     ("scheduler/scheduler_config.json", {"beta_schedule": "laplace"}, "beta_schedule 'laplace' has no counterpart"),
     ("scheduler/scheduler_config.json", {"thresholding": True}, "needs thresholding=False"),
     ("unet/config.json", {"flip_sin_to_cos": True}, "DDPMUNet needs flip_sin_to_cos=False"),

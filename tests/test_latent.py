@@ -24,6 +24,7 @@ from ms_ddpm.losses import AutoencoderLoss
 from ms_ddpm.metrics.reconstruction import psnr
 from ms_ddpm.models import AutoencoderKL, create_model
 from ms_ddpm.pipeline import DiffusionPipeline
+from ms_ddpm.train.tasks import AutoencoderTask
 from ms_ddpm.train.trainer import Trainer
 from tests.helpers import (MNIST5K, assert_matches_reference, assert_same_network, execution_mode,
                            import_torch_reference, load_script, randomise_norms_and_biases, save_diffusers_model)
@@ -50,14 +51,14 @@ def ae_config(output_dir, **train):
     })
 
 
-def ldm_config(output_dir, autoencoder, model=None, **train):
+def ldm_config(output_dir, autoencoder, model=None, diffusion=None, **train):
     t = {"output_dir": str(output_dir), "batch_size": 8, "steps": 4, "warmup_steps": 1, "lr": 3e-3, "log_every": 1,
          "sample_every": 4, "save_every": 4, "ema_decay": 0.9, "seed": 5, "mode": "pynative", "sample_steps": 2,
          "num_samples": 10}
     t.update(train)
     return Config.from_dict({
         "model": {"name": "unet", "kwargs": {**LDM_KWARGS, **(model or {})}},
-        "diffusion": {"num_timesteps": 50, "cond_drop_prob": 0.2},
+        "diffusion": diffusion or {"num_timesteps": 50, "cond_drop_prob": 0.2},
         "data": {"name": "mnist", "root": str(MNIST5K), "image_size": 8},
         "latent": {"autoencoder": str(autoencoder)},
         "train": t,
@@ -119,7 +120,7 @@ def test_tiny_autoencoder_overfits_four_images():
 
 def test_autoencoder_run_logs_psnr_and_writes_reconstructions(ae_run):
     trainer, out = ae_run
-    assert isinstance(trainer.loss_fn, AutoencoderLoss) and trainer.grid_sampler is None
+    assert isinstance(trainer.loss_fn, AutoencoderLoss) and isinstance(trainer.task, AutoencoderTask)
     losses = read_losses(out)
     assert len(losses) == 8 and all(np.isfinite(losses))
     records = eval_records(out)
@@ -209,7 +210,7 @@ def latent_run(autoencoder_ckpt, tmp_path_factory):
 
 def test_latent_run_stores_the_scaling_factor_and_the_autoencoder(latent_run, autoencoder_ckpt):
     trainer, out = latent_run
-    assert trainer.process.clip_denoised is False  # x0 is not clipped in latent space
+    assert trainer.task.process.clip_denoised is False  # x0 is not clipped in latent space
     state = load_checkpoint(out / "ckpt_00000004.ckpt")
     saved = Config.from_dict(yaml.safe_load(state["config"]))
     ae, _ = load_autoencoder(autoencoder_ckpt)
@@ -258,6 +259,19 @@ def test_bad_latent_configs_end_in_one_line(problem, message, latent_run, autoen
     assert err.strip().count("\n") == 0 and re.search(message, err), err
 
 
+@pytest.mark.parametrize("process", ["edm", "flow"])
+def test_a_latent_run_may_pick_any_process(process, autoencoder_ckpt, tmp_path):
+    """Latent diffusion on EDM or flow: the trainer's continuous time on the latent cache, unclipped x_0, and the
+    checkpoint samples decoded images with its process's default sampler and guidance."""
+    trainer = Trainer(ldm_config(tmp_path, autoencoder_ckpt, diffusion={"process": process, "cond_drop_prob": 0.2}))
+    trainer.train()
+    assert trainer.task.process.name == process and trainer.task.process.clip_denoised is False
+    assert all(np.isfinite(read_losses(tmp_path)))
+    pipe = DiffusionPipeline.from_checkpoint(tmp_path / "ckpt_00000004.ckpt", mode="pynative")
+    samples, labels = pipe(4, class_labels=[1, 2], guidance_scale=2.0, steps=2, batch_size=4, progress=False)
+    assert samples.shape == (4, 1, 8, 8) and np.isfinite(samples).all() and list(labels) == [1, 2, 1, 2]
+
+
 @pytest.fixture(scope="module")
 def graph_latent_run(autoencoder_ckpt, tmp_path_factory):
     """The latent run in graph mode (no grid: sampling would compile a graph of its own)."""
@@ -304,10 +318,10 @@ def test_a_converted_vae_keeps_its_scaling_factor(tmp_path):
         assert_matches_reference(ae.decode(ms.Tensor(z)).asnumpy(), vae.decode(torch.from_numpy(z)).sample.numpy())
 
     trainer = Trainer(ldm_config(tmp_path / "run", ckpt, steps=1, save_every=1, sample_every=0))
-    assert trainer.cfg.latent.scaling_factor == trainer.first_stage.scaling_factor == 0.3
+    assert trainer.cfg.latent.scaling_factor == trainer.task.first_stage.scaling_factor == 0.3
     trainer.train()
     pipe = DiffusionPipeline.from_checkpoint(tmp_path / "run" / "ckpt_00000001.ckpt", mode="pynative")
     assert pipe.config.latent.scaling_factor == pipe.first_stage.scaling_factor == 0.3
     overridden = ldm_config(tmp_path / "other", ckpt)
     overridden.latent.scaling_factor = 0.5
-    assert Trainer(overridden).first_stage.scaling_factor == 0.5
+    assert Trainer(overridden).task.first_stage.scaling_factor == 0.5

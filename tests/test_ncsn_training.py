@@ -69,9 +69,9 @@ def graph_run(tmp_path_factory):
 
 def test_ncsn_trains_with_falling_loss_and_writes_an_ald_grid(graph_run):
     trainer, out = graph_run
-    assert isinstance(trainer.loss_fn, DiffusionLoss) and trainer.loss_fn.process.name == "ncsn" and isinstance(trainer.grid_sampler, AnnealedLangevinSampler)
+    assert isinstance(trainer.loss_fn, DiffusionLoss) and trainer.loss_fn.process.name == "ncsn" and isinstance(trainer.task.grid_sampler, AnnealedLangevinSampler)
     np.testing.assert_allclose(trainer.loss_fn.process._sigmas.asnumpy(), geometric_sigmas(2.0, 0.02, 10), rtol=1e-6)
-    assert trainer.grid_sampler.step_lr == 8e-5 and trainer.grid_sampler.n_steps_each == 2
+    assert trainer.task.grid_sampler.step_lr == 8e-5 and trainer.task.grid_sampler.n_steps_each == 2
     losses = read_losses(out)
     assert len(losses) == STEPS and all(np.isfinite(losses))
     # the zero score scores D / 2 = 32 at every level (1/2 E||z||^2 over 64 pixels); training must go below it

@@ -1,5 +1,6 @@
 """The processes beyond the DDPM chain (EDM, rectified flow) on the one protocol: their samplers against diffusers'
-schedulers through the reference's own loop, EDM's Algorithm 2 against a transcription of the paper written here,
+schedulers through the reference's own loop, EDM's Algorithm 2 against a transcription of the paper written here
+(and Euler ancestral against k-diffusion's `sample_euler_ancestral`, transcribed),
 their training terms against the papers' formulas, the continuous time draws, and a tiny run of each through the
 trainer in graph mode.
 
@@ -137,6 +138,43 @@ def test_edm_heun_is_algorithm_2(churn):
         x = sampler.sample(ms_model, SHAPE, x_T=ms.Tensor(x_T), progress=False).asnumpy()
     np.testing.assert_allclose(x, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
     assert len(sampler.timesteps) == 2 * steps - 1 and sampler.stochastic == (churn["s_churn"] > 0)
+
+
+def test_edm_euler_ancestral_is_k_diffusions_sample_euler_ancestral():
+    """`euler_ancestral` on EDM equals k-diffusion's `sample_euler_ancestral` (eta 1; its `get_ancestral_step` and
+    `to_d`, transcribed here) on the Karras grid with a final 0, given the same x_T and per-step noise."""
+    proc = process("edm", sigma_max=20.0)
+    steps = 7
+    sampler = create_sampler("euler_ancestral", proc)
+    sampler.set_timesteps(steps)
+    sigmas = np.append(karras_sigmas(proc.sigma_min, proc.sigma_max, steps, proc.rho), 0.0)
+
+    def denoiser(x, sigma):
+        c_skip, c_out, c_in, c_noise = proc.preconditioning(float(sigma))
+        return c_skip * x + c_out * dummy_model(c_in * x, np.full(SHAPE[0], c_noise)).astype(np.float64)
+
+    x_T = np.random.default_rng(4).standard_normal(SHAPE).astype(np.float32) * np.float32(sampler.init_noise_sigma)
+    drawn = []
+
+    class Draws:  # the loop's generator, recording what each step drew
+        rng = np.random.default_rng(5)
+
+        def standard_normal(self, shape, dtype=None):
+            drawn.append(self.rng.standard_normal(shape, dtype=np.float32))
+            return drawn[-1]
+
+    with mock.patch("numpy.random.default_rng", return_value=Draws()):
+        x = sampler.sample(ms_model, SHAPE, x_T=ms.Tensor(x_T), progress=False).asnumpy()
+    expected = x_T.astype(np.float64)
+    for i in range(steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma_up = min(sigma_next, (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+        sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
+        expected = expected + (expected - denoiser(expected, sigma)) / sigma * (sigma_down - sigma)
+        if sigma_next > 0:
+            expected = expected + drawn[i] * sigma_up
+    assert len(drawn) >= steps - 1
+    np.testing.assert_allclose(x, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("name,kwargs", [("heun", dict(s_churn=20.0)), ("euler_ancestral", {}), ("euler", {})])
@@ -284,7 +322,7 @@ def test_trainer_runs_each_process_the_same_in_graph_and_pynative(name, tmp_path
         losses[mode] = [r["loss"] for r in log if "loss" in r]
         assert (trainer.output_dir / "samples_00000004.png").is_file()
     np.testing.assert_allclose(losses["graph"], losses["pynative"], rtol=1e-5)
-    assert type(trainer.grid_sampler).__name__ == ("HeunSampler" if name == "edm" else "EulerSampler")
+    assert type(trainer.task.grid_sampler).__name__ == ("HeunSampler" if name == "edm" else "EulerSampler")
     pipe = DiffusionPipeline.from_checkpoint(trainer.output_dir / "ckpt_00000004.ckpt", mode="pynative")
     assert isinstance(pipe.process, EDM if name == "edm" else RectifiedFlow)
     samples, _ = pipe(2, steps=2, progress=False)

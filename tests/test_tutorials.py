@@ -1,8 +1,8 @@
 """The tutorial notebooks run top to bottom with the small settings and are committed without outputs.
 
-The notebooks run in order (01 .. 08) in their own folder, as a reader runs them: 03 trains the model whose
+The notebooks run in order (01 .. 09) in their own folder, as a reader runs them: 03 trains the model whose
 checkpoint 04 and 05 load (each trains it itself when run alone); 07 trains a class-conditional model of its own,
-08 an autoencoder and a latent model.
+08 an autoencoder and a latent model, 09 a DDPM, an EDM and a flow model.
 They read the digits the package carries (MS_DDPM_DATA unset). Their files go to tutorials/outputs/small/, which git
 ignores. The kernel is this interpreter (sys.executable), declared in a kernelspec in a temporary
 folder, so nothing is installed into the user's Jupyter setup.
@@ -35,6 +35,7 @@ EXPECTED_FILES = {
     "05_score_sde_samplers.ipynb": ["frechet_pixels.json"],
     "07_conditional_guidance.ipynb": ["cond_train/ckpt_*.ckpt", "guidance/fd_accuracy.json"],
     "08_latent_diffusion.ipynb": ["vae_train/ckpt_*.ckpt", "ldm_train/ckpt_*.ckpt", "latent/summary.json"],
+    "09_processes.ipynb": ["process_edm/ckpt_*.ckpt", "process_flow/ckpt_*.ckpt", "processes/curves.json"],
 }
 EXPECTED_TEXT = {
     "02_unet.ipynb": ["35,746,307"],
@@ -44,7 +45,7 @@ EXPECTED_TEXT = {
 
 
 def test_the_notebooks_are_found():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08"]
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08", "09"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -86,6 +87,29 @@ def test_full_settings_are_the_quick_start_config(name, config):
     where = ("output_dir", "log_every")  # where the run writes and how often it logs are the notebook's own
     assert ({k: v for k, v in full["train"].items() if k not in where}
             == {k: v for k, v in quick["train"].items() if k not in where})
+
+
+def test_process_notebook_full_settings_are_the_configs():
+    """09's full settings are the quick start's and the EDM and flow configs, as it says."""
+    from ms_ddpm import Unet
+    from ms_ddpm.config import Config
+
+    defaults = {k: p.default for k, p in inspect.signature(Unet).parameters.items() if p.default is not p.empty}
+
+    nb = nbformat.read(TUTORIALS / "09_processes.ipynb", as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "code" and "CONFIGS = {" in c.source)
+    scope = {"Config": Config, "SMALL": False, "DATA_ROOT": None}
+    exec(cell.split("pipelines, minutes")[0], scope)  # the configs, not the training
+    for name, config in [("ddpm", "unet_mnist5k_cpu.yaml"), ("edm", "edm_mnist5k_cpu.yaml"),
+                         ("flow", "flow_mnist5k_cpu.yaml")]:
+        full = scope["CONFIGS"][name].to_dict()
+        written = Config.load(TUTORIALS.parent / "configs" / config).to_dict()
+        assert {**defaults, **full["model"]["kwargs"]} == {**defaults, **written["model"]["kwargs"]}, name
+        for section in ("diffusion", "data"):
+            assert full[section] == written[section], (name, section)
+        where = ("output_dir", "log_every")
+        assert ({k: v for k, v in full["train"].items() if k not in where}
+                == {k: v for k, v in written["train"].items() if k not in where}), name
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -143,8 +167,8 @@ def run_notebook(path, cwd, kernel_dir, monkeypatch, **env_vars):
 
 # With -m slow, for the suite's time: 07 trains a conditional model and a classifier (83 s on 2 cores shared with
 # another job; the conditional tests and README commands cover the same code), 08 an autoencoder and a latent model
-# (63 s)
-SLOW_RUNS = ("07_", "08_")
+# (63 s), 09 three models and samples each with two samplers (tests/test_processes.py covers the same code)
+SLOW_RUNS = ("07_", "08_", "09_")
 RUNS = [pytest.param(p, marks=pytest.mark.slow) if p.name.startswith(SLOW_RUNS) else p for p in NOTEBOOKS]
 
 

@@ -33,6 +33,7 @@ from mindspore import ops
 from tqdm.auto import tqdm
 
 from ..models import call_network
+from ..processes import split_output
 from ..samplers.score_sde import ProbabilityFlowSampler
 from ..utils import check_choice, check_int
 
@@ -225,10 +226,11 @@ def ode_bpd(process, model, x_start, num_steps=ODE_STEPS, hutchinson="rademacher
 
     # f~ is affine in x and the network output F with coefficients of t alone (Eq. 13; the score is linear in F for
     # every objective): f~ = a x + b F(x, t). a and b are read off the sampler's `drift`, so this is the ODE it
-    # solves, and enter as tensors, so graph mode compiles the gradient once for all levels.
+    # solves, and enter as tensors, so graph mode compiles the gradient once for all levels. F is the output's
+    # prediction (a learned variance's half is not in the ODE); the raw output comes back for `sde.score`.
     def weighted_sum(x, t, a, b, probe):
         output = call_network(model, x, t, cond)
-        return ((a * x + b * output) * probe).sum(), output
+        return ((a * x + b * split_output(sde, output)[0]) * probe).sum(), output
 
     vjp_and_output = ms.grad(weighted_sum, grad_position=0, has_aux=True)
 

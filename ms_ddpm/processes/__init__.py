@@ -12,7 +12,7 @@ The registry `PROCESSES` maps each `diffusion.process` to its class, which owns 
 its loss target (`training_terms`) and its default sampler; each sampler names the processes it runs
 (`ms_ddpm.samplers`). `create_process(cfg.diffusion, latent)` builds the process a run config trains on.
 """
-from .base import PREDICTIONS, Process, predict_eps, predict_x0
+from .base import PREDICTIONS, Process, predict_eps, predict_x0, split_output
 from .edm import EDM, EDMConfig
 from .flow import FlowConfig, RectifiedFlow
 from .gaussian import (OBJECTIVES, VARIANCE_TYPES, DDPMConfig, GaussianDiffusion, q_posterior_coefficients,
@@ -33,7 +33,7 @@ def create_process(diffusion_cfg, latent=False):
     return PROCESSES[d.process].from_config(d.settings, clip)
 
 
-__all__ = ["Process", "PREDICTIONS", "predict_eps", "predict_x0", "GaussianDiffusion", "OBJECTIVES", "VARIANCE_TYPES",
-           "DDPMConfig", "q_posterior_coefficients", "vp_alpha_sigma", "NoiseLevels", "NCSNConfig", "geometric_sigmas",
-           "VPSDE", "SubVPSDE", "VESDE", "as_sde", "EDM", "EDMConfig", "RectifiedFlow", "FlowConfig", "PROCESSES",
-           "create_process"]
+__all__ = ["Process", "PREDICTIONS", "predict_eps", "predict_x0", "split_output", "GaussianDiffusion", "OBJECTIVES",
+           "VARIANCE_TYPES", "DDPMConfig", "q_posterior_coefficients", "vp_alpha_sigma", "NoiseLevels", "NCSNConfig",
+           "geometric_sigmas", "VPSDE", "SubVPSDE", "VESDE", "as_sde", "EDM", "EDMConfig", "RectifiedFlow",
+           "FlowConfig", "PROCESSES", "create_process"]

@@ -10,7 +10,12 @@ A process noises data as x_t = alpha(t) x_0 + sigma(t) eps, eps ~ N(0, I), over 
 | edm     | 1                   | sigma                  | sigma, ln sigma ~ normal  | c_noise = ln(sigma) / 4    |
 | flow    | 1 - t               | t                      | t in (0, 1)               | 1000 t                     |
 
-The network's output F means one of PREDICTIONS; `predict_x0` and `predict_eps` turn any of them into x_0 and eps
+The output contract: `split_output(process, output)` is the one reader of a raw network output, (prediction,
+variance values or None). A process with a learned variance (`learned_variance`: DDPM's `variance_type:
+learned_range`, Nichol & Dhariwal 2021) has a network of 2C output channels, the prediction in the first C and the
+v of its log-variance in the last C; every consumer (samplers, losses, guidance, likelihood) reads the prediction
+through it, and only the DDPM sampler, the bound and the hybrid loss read v. The prediction F means one of
+PREDICTIONS; `predict_x0` and `predict_eps` turn any of them into x_0 and eps
 given alpha and sigma, written once for every consumer (samplers, losses, guidance, likelihood):
     eps       the noise                                    (Ho et al. 2020, Eq. 11)
     x0        the clean image
@@ -75,6 +80,14 @@ def standard_normal_quantile(u):
     return math.sqrt(2.0) * ops.erfinv(2.0 * u - 1.0)
 
 
+def split_output(process, output):
+    """(prediction, v): the output contract (module doc). v is None unless the process learns its variance."""
+    if not process.learned_variance:
+        return output, None
+    channels = output.shape[1] // 2
+    return output[:, :channels], output[:, channels:]
+
+
 def per_sample(values, x):
     """(B,) values shaped (B, 1, ..., 1) to broadcast against x."""
     return values.reshape((-1,) + (1,) * (x.ndim - 1))
@@ -95,6 +108,8 @@ class Process(nn.Cell):
     num_timesteps = None
     prior_std = 1.0
     clip_denoised = False
+    #: whether the network also outputs its reverse variance (2C channels; `split_output`)
+    learned_variance = False
     #: whether the Euler family's frame is the sigma frame of Karras et al. (levels are noise stds of x_0 + s eps),
     #: where their stochastic steps (churn, ancestral noise) apply; rectified flow's t is not
     sigma_frame = True

@@ -2,7 +2,8 @@
 
 Forward process    q(x_t | x_0)          = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)               (Eq. 4)
 Posterior          q(x_{t-1} | x_t, x_0) = N(mu_tilde_t(x_t, x_0), beta_tilde_t I)                     (Eqs. 6-7)
-Reverse process    p(x_{t-1} | x_t)      = N(mu_theta(x_t, t), sigma_t^2 I), sigma_t^2 in {beta_tilde_t, beta_t}
+Reverse process    p(x_{t-1} | x_t)      = N(mu_theta(x_t, t), sigma_t^2 I), sigma_t^2 in {beta_tilde_t, beta_t}, or
+                   learned: log sigma_t^2 = v log beta_t + (1 - v) log beta_tilde_t   (Nichol & Dhariwal 2021, Eq. 15)
 
 The network predicts one of three targets (`objective`):
     "eps": the noise epsilon (Ho et al. Eq. 11-14);  "x0": the clean image;
@@ -21,10 +22,10 @@ from mindspore import ops
 
 from ..schedules import get_beta_schedule, karras_sigmas, sigma_timesteps, spaced_timesteps, timestep_sigmas
 from ..utils import check_choice
-from .base import Process, denoiser_coefficients, predict_x0
+from .base import Process, denoiser_coefficients, predict_x0, split_output
 
 OBJECTIVES = ("eps", "x0", "v")
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 
 
 @dataclass
@@ -36,17 +37,27 @@ class DDPMConfig:
     beta_start: float = 1.0e-4  # first beta (linear / quadratic / sigmoid); not rescaled with T
     beta_end: float = 0.02  # last beta
     objective: str = "eps"  # what the network predicts: eps | x0 | v
-    variance_type: str = "fixed_small"  # reverse variance for DDPM sampling: fixed_small | fixed_large
+    # reverse variance: fixed_small (beta_tilde) | fixed_large (beta) | learned_range (the network outputs 2C
+    # channels, the last C interpolating the log-variance between the two: Nichol & Dhariwal 2021, Eq. 15)
+    variance_type: str = "fixed_small"
     loss_type: str = "l2"  # l1 | l2 | huber (smooth L1, as the annotated tutorial)
     loss_weighting: str = "none"  # none | p2 | min_snr
     min_snr_gamma: float = 5.0  # gamma of min-SNR weighting (Hang et al. 2023)
     p2_gamma: float = 1.0  # gamma of P2 weighting (Choi et al. 2022)
     p2_k: float = 1.0  # k of P2 weighting
+    # lambda of L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, Sec. 3.1), learned_range only: the bound
+    # trains the variance half (the mean's gradient stopped); loss_type and loss_weighting apply to L_simple alone
+    vlb_weight: float = 0.001
+
+    def __post_init__(self):
+        if self.variance_type == "learned_range" and not self.vlb_weight > 0:
+            raise ValueError(f"diffusion.vlb_weight must be > 0 with variance_type learned_range (the bound is what "
+                             f"trains the variance), got {self.vlb_weight}")
 
     def loss_options(self):
         """The keyword arguments of `ms_ddpm.losses.DiffusionLoss` these keys set."""
         return dict(loss_type=self.loss_type, weighting=self.loss_weighting, p2_gamma=self.p2_gamma, p2_k=self.p2_k,
-                    min_snr_gamma=self.min_snr_gamma)
+                    min_snr_gamma=self.min_snr_gamma, vlb_weight=self.vlb_weight)
 
 
 def q_posterior_coefficients(alpha_bar_t, alpha_bar_prev):
@@ -83,7 +94,10 @@ class GaussianDiffusion(Process):
         betas: (T,) array of forward-process variances, e.g. from `ms_ddpm.schedules.get_beta_schedule`.
         objective: what the network predicts, one of OBJECTIVES.
         variance_type: reverse-process variance sigma_t^2, "fixed_small" = beta_tilde_t or "fixed_large" = beta_t
-            (Ho et al. Sec. 3.2: both gave similar samples; fixed_large is the better bound for x_0 ~ N(0, I)).
+            (Ho et al. Sec. 3.2: both gave similar samples; fixed_large is the better bound for x_0 ~ N(0, I)), or
+            "learned_range": the network's second half v in [-1, 1] gives log sigma_t^2 = frac log beta_t +
+            (1 - frac) log beta_tilde_t, frac = (v + 1) / 2 (Nichol & Dhariwal 2021, Eq. 15; their code's
+            `LEARNED_RANGE`, the clipped log beta_tilde).
         clip_denoised: clip predicted x_0 to [-1, 1] when sampling, as the DDPM reference code does.
     """
 
@@ -98,6 +112,7 @@ class GaussianDiffusion(Process):
             raise ValueError("betas must be a 1-D array with every value in (0, 1)")
         self.objective = self.prediction = check_choice("objective", objective, OBJECTIVES)
         self.variance_type = check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        self.learned_variance = variance_type == "learned_range"
         self.num_timesteps = len(betas)
 
         # q(x_t | x_0), Eq. 4
@@ -112,7 +127,8 @@ class GaussianDiffusion(Process):
         self.posterior_variance = beta_tilde
         self.posterior_log_variance_clipped = np.log(np.append(beta_tilde[1], beta_tilde[1:]))
         # p(x_{t-1} | x_t): sigma_t^2 (Sec. 3.2); fixed_large uses beta_tilde_1 at t = 0 for the same reason.
-        if variance_type == "fixed_small":
+        # (learned_range: fixed_small's tables are the lower end of the range, `p_mean_variance` reads v)
+        if variance_type in ("fixed_small", "learned_range"):
             self.model_variance = beta_tilde
             self.model_log_variance = self.posterior_log_variance_clipped
         else:
@@ -129,6 +145,7 @@ class GaussianDiffusion(Process):
         self._posterior_log_variance_clipped = ms.Tensor(self.posterior_log_variance_clipped, ms.float32)
         self._model_variance = ms.Tensor(self.model_variance, ms.float32)
         self._model_log_variance = ms.Tensor(self.model_log_variance, ms.float32)
+        self._log_betas = ms.Tensor(np.log(betas), ms.float32)
 
     @classmethod
     def from_config(cls, settings, clip_denoised):
@@ -207,14 +224,20 @@ class GaussianDiffusion(Process):
         """Mean, variance, log-variance and predicted x_0 of p(x_{t-1} | x_t) from the network output.
 
         mu_theta(x_t, t) = mu_tilde_t(x_t, x0_hat) with x0_hat from `predict_x0` (Eq. 15 plugged into Eq. 7,
-        which for the eps objective is Eq. 11), clipped to [-1, 1] when `clip_denoised`.
+        which for the eps objective is Eq. 11), clipped to [-1, 1] when `clip_denoised`. A learned variance is read
+        from the output's second half (`split_output`; Nichol & Dhariwal 2021, Eq. 15).
         """
+        prediction, v = split_output(self, model_output)
         alpha_bar = self._extract(self._alphas_cumprod, t, x_t)
         alpha, sigma = vp_alpha_sigma(alpha_bar)
-        x0_hat = predict_x0(self.objective, model_output, x_t, alpha, sigma)
+        x0_hat = predict_x0(self.objective, prediction, x_t, alpha, sigma)
         if self.clip_denoised:
             x0_hat = ops.clamp(x0_hat, -1.0, 1.0)
         mean, _, _ = self.q_posterior_mean_variance(x0_hat, x_t, t)
-        variance = self._extract(self._model_variance, t, x_t)
-        log_variance = self._extract(self._model_log_variance, t, x_t)
-        return mean, variance, log_variance, x0_hat
+        if v is None:
+            log_variance = self._extract(self._model_log_variance, t, x_t)
+            return mean, self._extract(self._model_variance, t, x_t), log_variance, x0_hat
+        frac = (v + 1.0) / 2.0
+        log_variance = (frac * self._extract(self._log_betas, t, x_t)
+                        + (1.0 - frac) * self._extract(self._posterior_log_variance_clipped, t, x_t))
+        return mean, ops.exp(log_variance), log_variance, x0_hat

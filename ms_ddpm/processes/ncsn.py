@@ -6,8 +6,8 @@ Conditioning: the network sees the level *index* i (0-based, 0 = sigma_max) as i
 code's `labels`. The U-Nets of `ms_ddpm.models` embed any real timestep sinusoidally, so a DDPM U-Net serves as an
 NCSN unchanged. The same levels, in the same order, are the discretisation of the VE SDE (`sde.VESDE`, Song et al.
 2021, Sec. 3.4 and Eq. 9), so its samplers drive an NCSN too. Training from a config: `diffusion.process: ncsn`
-(configs/ncsn_mnist5k_cpu.yaml), the loss `ms_ddpm.losses.NCSNLoss`, the sampler
-`ms_ddpm.samplers.AnnealedLangevinSampler`.
+(configs/ncsn_mnist5k_cpu.yaml), the loss `ms_ddpm.losses.DiffusionLoss` (Eqs. 5-6 through
+`NoiseLevels.training_terms`), the sampler `ms_ddpm.samplers.AnnealedLangevinSampler`.
 """
 from dataclasses import dataclass
 

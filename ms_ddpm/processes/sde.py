@@ -36,7 +36,7 @@ from mindspore import ops
 
 from ..schedules import spaced_timesteps
 from ..utils import check_choice
-from .base import Process, predict_eps, predict_x0
+from .base import Process, predict_eps, predict_x0, split_output
 from .gaussian import OBJECTIVES, GaussianDiffusion, vp_alpha_sigma
 from .ncsn import NCSNConfig, NoiseLevels, geometric_sigmas
 
@@ -66,8 +66,11 @@ class VPSDE(Process):
 
     @classmethod
     def from_diffusion(cls, diffusion):
-        """The SDE of a `GaussianDiffusion`, reading its network output as the diffusion's objective."""
-        return cls(diffusion.betas, diffusion.objective, diffusion.clip_denoised)
+        """The SDE of a `GaussianDiffusion`, reading its network output as the diffusion's objective (a
+        learned-variance network's prediction half: `split_output`)."""
+        sde = cls(diffusion.betas, diffusion.objective, diffusion.clip_denoised)
+        sde.learned_variance = diffusion.learned_variance
+        return sde
 
     def labels(self, num_steps, spacing):
         """Descending DDPM timesteps (noisiest first), spaced as `spaced_timesteps`."""
@@ -104,12 +107,12 @@ class VPSDE(Process):
     def score(self, model_output, x, label):
         """grad_x log p_t(x) = -eps / s(t), eps from the network output via `predict_eps`."""
         alpha_bar = self.alpha_bar(label)
-        eps = predict_eps(self.objective, model_output, x, *vp_alpha_sigma(alpha_bar))
+        eps = predict_eps(self.objective, split_output(self, model_output)[0], x, *vp_alpha_sigma(alpha_bar))
         return eps * (-1.0 / (1.0 - alpha_bar) ** 0.5)
 
     def denoised(self, model_output, x, label):
         """x0_hat = E[x_0 | x_t] implied by the network output (`predict_x0`), clipped when `clip_denoised`."""
-        x0 = predict_x0(self.objective, model_output, x, *vp_alpha_sigma(self.alpha_bar(label)))
+        x0 = predict_x0(self.objective, split_output(self, model_output)[0], x, *vp_alpha_sigma(self.alpha_bar(label)))
         return ops.clamp(x0, -1.0, 1.0) if self.clip_denoised else x0
 
 
@@ -153,7 +156,7 @@ class VESDE(NoiseLevels):
     """Variance-exploding SDE dx = sqrt(d[sigma^2(t)]/dt) dw, sigma(t) = sigma_min (sigma_max/sigma_min)^t (Eq. 30).
 
     Its N discrete levels are NCSN's geometric sigmas (Song & Ermon 2019), largest first: it is the `NoiseLevels`
-    process of an NCSN trained with `NCSNLoss` on `sde.sigmas` (label = level index), seen in continuous time. The
+    process of an NCSN trained with `DiffusionLoss` on `sde.sigmas` (label = level index), seen in continuous time. The
     network output is the score.
 
     Args:

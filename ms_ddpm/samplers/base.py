@@ -14,7 +14,7 @@ from mindspore import nn, ops
 from tqdm.auto import tqdm
 
 from ..models import call_network
-from ..processes import predict_x0, vp_alpha_sigma
+from ..processes import predict_x0, split_output, vp_alpha_sigma
 from ..schedules import TIMESTEP_SPACINGS, spaced_timesteps
 from ..utils import check_choice
 
@@ -145,9 +145,10 @@ class Sampler:
         raise NotImplementedError
 
     def predicted_x0(self, model_output, sample, alpha_bar):
-        """x_0 implied by the network output, clipped to [-1, 1] when the process says so."""
+        """x_0 implied by the network output (its prediction, `split_output`), clipped to [-1, 1] when the process
+        says so."""
         alpha, sigma = vp_alpha_sigma(alpha_bar)
-        x0 = predict_x0(self.process.objective, model_output, sample, alpha, sigma)
+        x0 = predict_x0(self.process.objective, split_output(self.process, model_output)[0], sample, alpha, sigma)
         return ops.clamp(x0, -1.0, 1.0) if self.process.clip_denoised else x0
 
     def sample_progressive(self, model, shape, seed=None, x_T=None, progress=True, cond=None):

@@ -5,7 +5,7 @@ eta -> eta; "direction pointing to x_t" -> direction.
 """
 from mindspore import ops
 
-from ..processes import predict_eps, vp_alpha_sigma
+from ..processes import predict_eps, split_output, vp_alpha_sigma
 from .base import Sampler, SamplerOutput
 
 
@@ -49,7 +49,8 @@ class DDIMSampler(Sampler):
         if self.use_clipped_model_output and self.process.clip_denoised:
             eps_hat = predict_eps("x0", x0_hat, sample, alpha, sigma)  # the eps of x_t and the clipped x0_hat
         else:
-            eps_hat = predict_eps(self.process.objective, model_output, sample, alpha, sigma)
+            eps_hat = predict_eps(self.process.objective, split_output(self.process, model_output)[0], sample, alpha,
+                                  sigma)
         prev_sample = coef_x0 * x0_hat + coef_eps * eps_hat
         if self.stochastic:  # random noise sigma_t z
             prev_sample = prev_sample + std_dev_t * noise

@@ -28,6 +28,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
+from ..processes import split_output
 from ..utils import check_int
 from .base import Sampler, SamplerOutput
 
@@ -97,8 +98,9 @@ class EulerSampler(Sampler):
         return arguments
 
     def denoise(self, model_output, sample, c_skip, c_out):
-        """D(x; sigma), the x_0 prediction, clipped to [-1, 1] when the process says so."""
-        x0 = c_skip * sample + c_out * model_output
+        """D(x; sigma), the x_0 prediction (from the output's prediction, `split_output`), clipped to [-1, 1] when
+        the process says so."""
+        x0 = c_skip * sample + c_out * split_output(self.process, model_output)[0]
         return ops.clamp(x0, -1.0, 1.0) if self.process.clip_denoised else x0
 
     def update(self, model_output, sample, noise, c_skip, c_out, sigma, dt, sigma_up=None):

@@ -4,7 +4,7 @@ logs the numbers, keeps the checkpoint of the lowest FD and plots the run.
 
 Every `eval_every` steps (and at the last step), on rank 0:
   * `eval_num` samples are drawn from the EMA weights through the trainer's one sampling network (the network of its
-    sample grids, `Trainer.sampling_pipeline`: built and compiled once per run), with `eval_sampler` at
+    sample grids, `DenoisingTask.sampling_pipeline`: built and compiled once per run), with `eval_sampler` at
     `eval_steps` steps (DDIM, few steps), in batches of `eval_batch_size`, always from the seed `train.seed`, so
     successive evaluations differ by the weights only;
   * their features are compared with those of the whole test split, computed once per run when the evaluation is
@@ -116,7 +116,7 @@ class TrainingEvaluation:
         """Evaluate the trainer's EMA model at its current step: log, keep the best checkpoint, plot."""
         t = self.cfg.train
         start = time.perf_counter()
-        fd, kid = self.measure(trainer.sampling_pipeline())
+        fd, kid = self.measure(trainer.task.sampling_pipeline())
         if self.best_fd is None:
             self.best_fd = min((r["fd"] for r in run_records(trainer.log_path)
                                 if r.get("event") == "eval" and math.isfinite(r["fd"])), default=math.inf)
@@ -148,7 +148,7 @@ class ReconstructionEvaluation:
 
     def __call__(self, trainer):
         start = time.perf_counter()
-        reconstructions = apply_batched(trainer.reconstruction_network(), self.images, self.batch_size)
+        reconstructions = apply_batched(trainer.task.reconstruction_network(), self.images, self.batch_size)
         record = {"event": "eval", "step": trainer.step, "psnr": psnr(reconstructions, self.images),
                   "num": len(self.images), "seconds": time.perf_counter() - start}
         trainer.log(record)

@@ -86,9 +86,10 @@ class TrainingDraws(nn.Cell):
 
     t (B,) int32 uniform in [0, num_labels) (Ho et al. 2020, Algorithm 1; NCSN: the level indices), as
     floor(u32 * num_labels / 2^32); with num_labels None, float32 `training_time(u)` of a uniform u in (0, 1)
-    (a continuous process's draw of its time: EDM's log-normal sigma, flow's t); noise (B, C, H, W) float32 standard normal by Box-Muller on two 24-bit uniforms
-    (|noise| < 5.8: the tail beyond it, probability 8e-9, is cut); cond: the labels (B,) or None, each label
-    replaced by `null_label` with probability `drop_prob` (Ho & Salimans 2021, Algorithm 1).
+    (a continuous process's draw of its time: EDM's log-normal sigma, flow's t); noise (B, C, H, W) float32
+    standard normal by Box-Muller on two 24-bit uniforms (|noise| < 5.8: the tail beyond it, probability 8e-9,
+    is cut); cond: the labels (B,) or None, each label replaced by `null_label` with probability `drop_prob` (Ho &
+    Salimans 2021, Algorithm 1).
     A step's global batch may hold at most 2^32 / K samples (K = `counters_per_sample(shape)`).
     """
 

@@ -83,10 +83,10 @@ class TrainStep:
     `nonfinite_steps`, the number of updates in a row whose loss or gradients were not finite.
 
     Args:
-        loss_fn: Cell (x_start, t, noise, cond) -> scalar loss (a `DiffusionLoss`, or an `NCSNLoss` with level
-            indices as t, or an `AutoencoderLoss`); cond is the network's condition (class labels) or None. The
-            noise has x_start's shape, or `loss_fn.noise_shape(x_start.shape)` where the loss defines it (the
-            autoencoder's posterior sample is latent-shaped).
+        loss_fn: Cell (x_start, t, noise, cond) -> scalar loss (a `DiffusionLoss` on any process, t its
+            integer labels or float times, or an `AutoencoderLoss`); cond is the network's condition (class
+            labels) or None. The noise has x_start's shape, or `loss_fn.noise_shape(x_start.shape)` where the loss
+            defines it (the autoencoder's posterior sample is latent-shaped).
         optimizer: a MindSpore optimizer over the trainable parameters.
         loss_scaler: `amp.DynamicLossScaler` or `amp.StaticLossScaler` (scale 1 for no scaling).
         draws: the `TrainingDraws` of the run (seed, number of timesteps or levels, label dropout).
