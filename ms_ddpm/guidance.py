@@ -26,6 +26,8 @@ variance is not affine in eps, and Eq. 6 says nothing about it.
 import mindspore as ms
 from mindspore import nn, ops
 
+from .processes import split_output
+
 
 def trained_null_label(network, cfg):
     """The null label that `cfg.diffusion.cond_drop_prob` trains: the row after the classes of `cfg.data.class_names`
@@ -72,8 +74,8 @@ class ClassifierFreeGuidance(nn.Cell):
         null = ops.full_like(cond, self.null_label)
         out = self.network(ops.cat((x, x)), ops.cat((t, t)), ops.cat((cond, null)))
         out_cond, out_uncond = out[:batch], out[batch:]
-        if not self.learned_variance:
-            return out_uncond + self.guidance_scale.astype(out.dtype) * (out_cond - out_uncond)
-        c = out.shape[1] // 2
-        mean = out_uncond[:, :c] + self.guidance_scale.astype(out.dtype) * (out_cond[:, :c] - out_uncond[:, :c])
-        return ops.cat((mean, out_uncond[:, c:]), axis=1)
+        # the output contract (`split_output` reads this Cell's `learned_variance`): v is None without one
+        cond_pred, _ = split_output(self, out_cond)
+        uncond_pred, uncond_v = split_output(self, out_uncond)
+        mean = uncond_pred + self.guidance_scale.astype(out.dtype) * (cond_pred - uncond_pred)
+        return mean if uncond_v is None else ops.cat((mean, uncond_v), axis=1)
