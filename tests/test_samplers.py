@@ -161,7 +161,8 @@ def test_spacings():
 def test_bad_sampler_arguments_name_the_choices():
     diffusion = GaussianDiffusion(get_beta_schedule("linear", 100))
     with pytest.raises(ValueError, match=r"sampler must be one of \['ddpm', 'ddim', 'euler_maruyama', 'pc', 'ode', "
-                                         r"'dpm_solver', 'ald', 'euler', 'euler_ancestral', 'heun'\], got 'lms'"):
+                                         r"'dpm_solver', 'ald', 'euler', 'euler_ancestral', 'heun', 'consistency'\], "
+                                         r"got 'lms'"):
         create_sampler("lms", diffusion)
     with pytest.raises(ValueError, match="num_inference_steps must be an integer from 1 to the 100 training"):
         DDIMSampler(diffusion).set_timesteps(101)

@@ -7,12 +7,14 @@
     ncsn.py      NCSN's noise levels (Song & Ermon 2019): `geometric_sigmas`, `NoiseLevels`
     edm.py       EDM (Karras et al. 2022): `EDM`, its preconditioning and log-normal sigmas
     flow.py      rectified flow / flow matching (Liu et al. 2022; Esser et al. 2024): `RectifiedFlow`
+    consistency.py  consistency models (Song et al. 2023): `ConsistencyModel`, the boundary-condition parametrisation
 
 The registry `PROCESSES` maps each `diffusion.process` to its class, which owns its config keys (`config_class`),
 its loss target (`training_terms`) and its default sampler; each sampler names the processes it runs
 (`ms_ddpm.samplers`). `create_process(cfg.diffusion, latent)` builds the process a run config trains on.
 """
 from .base import PREDICTIONS, Process, predict_eps, predict_x0, split_output
+from .consistency import ConsistencyConfig, ConsistencyModel
 from .edm import EDM, EDMConfig
 from .flow import FlowConfig, RectifiedFlow
 from .gaussian import (OBJECTIVES, VARIANCE_TYPES, DDPMConfig, GaussianDiffusion, q_posterior_coefficients,
@@ -21,7 +23,8 @@ from .ncsn import NCSNConfig, NoiseLevels, geometric_sigmas
 from .sde import VESDE, VPSDE, SubVPSDE, as_sde
 
 #: diffusion.process -> the class it builds (ncsn: the VESDE whose discrete levels are NCSN's geometric sigmas)
-PROCESSES = {"ddpm": GaussianDiffusion, "ncsn": VESDE, "edm": EDM, "flow": RectifiedFlow}
+PROCESSES = {"ddpm": GaussianDiffusion, "ncsn": VESDE, "edm": EDM, "flow": RectifiedFlow,
+             "consistency": ConsistencyModel}
 
 
 def create_process(diffusion_cfg, latent=False):
@@ -36,4 +39,4 @@ def create_process(diffusion_cfg, latent=False):
 __all__ = ["Process", "PREDICTIONS", "predict_eps", "predict_x0", "split_output", "GaussianDiffusion", "OBJECTIVES",
            "VARIANCE_TYPES", "DDPMConfig", "q_posterior_coefficients", "vp_alpha_sigma", "NoiseLevels", "NCSNConfig",
            "geometric_sigmas", "VPSDE", "SubVPSDE", "VESDE", "as_sde", "EDM", "EDMConfig", "RectifiedFlow",
-           "FlowConfig", "PROCESSES", "create_process"]
+           "FlowConfig", "ConsistencyModel", "ConsistencyConfig", "PROCESSES", "create_process"]

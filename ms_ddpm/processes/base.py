@@ -9,6 +9,7 @@ A process noises data as x_t = alpha(t) x_0 + sigma(t) eps, eps ~ N(0, I), over 
 | ncsn    | 1                   | sigma_i                | level index i             | i                          |
 | edm     | 1                   | sigma                  | sigma, ln sigma ~ normal  | c_noise = ln(sigma) / 4    |
 | flow    | 1 - t               | t                      | t in (0, 1)               | 1000 t                     |
+| consistency | 1               | sigma                  | sigma, N Karras levels    | 1000 ln(sigma) / 4         |
 
 The output contract: `split_output(process, output)` is the one reader of a raw network output, (prediction,
 variance values or None). A process with a learned variance (`learned_variance`: DDPM's `variance_type:
@@ -113,6 +114,9 @@ class Process(nn.Cell):
     #: whether the Euler family's frame is the sigma frame of Karras et al. (levels are noise stds of x_0 + s eps),
     #: where their stochastic steps (churn, ancestral noise) apply; rectified flow's t is not
     sigma_frame = True
+    #: whether the trainer's denoising loss (`training_terms`) trains it; consistency models are distilled or
+    #: trained against themselves (Song et al. 2023, Algorithms 2 and 3), which is not built
+    trained_by_denoising = True
 
     def __init__(self, clip_denoised=False):
         super().__init__()

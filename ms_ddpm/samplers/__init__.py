@@ -3,18 +3,20 @@
 Each sampler names the processes it runs (its `processes`, `Process.name`s); `create_sampler` refuses any other
 pairing in one line, and `samplers_for(process)` lists the fitting ones:
 
-| sampler          | ddpm | ncsn | edm | flow |
-| ---------------- | ---- | ---- | --- | ---- |
-| ddpm, ddim       | x    |      |     |      |
-| dpm_solver       | x    |      |     |      |
-| euler_maruyama, pc, ode | x | x  |     |      |
-| ald              |      | x    |     |      |
-| euler, heun      | x    |      | x   | x    |
-| euler_ancestral  | x    |      | x   |      |
+| sampler          | ddpm | ncsn | edm | flow | consistency |
+| ---------------- | ---- | ---- | --- | ---- | ----------- |
+| ddpm, ddim       | x    |      |     |      |             |
+| dpm_solver       | x    |      |     |      |             |
+| euler_maruyama, pc, ode | x | x  |     |      |             |
+| ald              |      | x    |     |      |             |
+| euler, heun      | x    |      | x   | x    |             |
+| euler_ancestral  | x    |      | x   |      |             |
+| consistency      |      |      |     |      | x           |
 """
 from ..schedules import spaced_timesteps
 from ..utils import check_choice
 from .base import Sampler, SamplerOutput, check_pairing
+from .consistency import ConsistencySampler
 from .ddim import DDIMSampler
 from .ddpm import DDPMSampler
 from .dpm_solver import DPMSolverSampler
@@ -35,6 +37,8 @@ SAMPLERS.update({
 })
 # the samplers of Karras et al. 2022 in a process's sampling frame (diffusers' Euler / Heun schedulers)
 SAMPLERS.update({"euler": EulerSampler, "euler_ancestral": EulerAncestralSampler, "heun": HeunSampler})
+# multistep consistency sampling (Song et al. 2023, Algorithm 1; diffusers' CMStochasticIterativeScheduler)
+SAMPLERS["consistency"] = ConsistencySampler
 # the samplers that take karras_sigmas=True
 KARRAS_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_solver")
 
@@ -58,4 +62,4 @@ def create_sampler(name, process, **kwargs):
 __all__ = ["Sampler", "SamplerOutput", "spaced_timesteps", "DDPMSampler", "DDIMSampler", "SAMPLERS",
            "KARRAS_SAMPLERS", "samplers_for", "check_pairing", "create_sampler", "DPMSolverSampler",
            "EulerMaruyamaSampler", "PredictorCorrectorSampler", "ProbabilityFlowSampler", "ScoreSDESampler",
-           "AnnealedLangevinSampler", "EulerSampler", "EulerAncestralSampler", "HeunSampler"]
+           "AnnealedLangevinSampler", "EulerSampler", "EulerAncestralSampler", "HeunSampler", "ConsistencySampler"]

@@ -83,6 +83,9 @@ class DenoisingTask(Task):
         cfg = self.cfg
         self.first_stage, self.latents = self._encode_latents() if cfg.latent.autoencoder else (None, None)
         self.process = create_process(cfg.diffusion, latent=self.first_stage is not None)
+        if not self.process.trained_by_denoising:
+            raise ConfigError(f"diffusion.process {cfg.diffusion.process!r} is not trained by the denoising loss, and "
+                              "its own training (consistency distillation, Song et al. 2023) is not built yet")
         check_image_size(trainer.model, cfg)
         discrete = self.process.num_timesteps is not None
         self.time_draws = dict(num_labels=self.process.num_timesteps if discrete else None,
