@@ -154,8 +154,9 @@ def build_parser():
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                    help=f"default: the process's own; {SAMPLER_HELP}")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: all training timesteps or noise levels, 50 in continuous time); "
-                   "for ald: Langevin steps per noise level (default 100, the NCSN paper's)")
+                   help="sampling steps (default: all training timesteps or noise levels, 50 in continuous time, 1 for "
+                   "consistency; heun makes 2N - 1 network calls); for ald: Langevin steps per noise level (default "
+                   "100, the NCSN paper's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--karras-sigmas", action="store_true",
                    help=f"step on the noise levels of Karras et al. 2022, Eq. 5 (samplers {list(KARRAS_SAMPLERS)})")
@@ -180,8 +181,8 @@ def build_parser():
     p.add_argument("--sampler", default=None,
                    help=f"default: the process's own (ddim with eta 0 for a DDPM); {SAMPLER_HELP}")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: all training timesteps or noise levels, 50 in continuous time; "
-                   "ald: 100 per level)")
+                   help="sampling steps (default: all training timesteps or noise levels, 50 in continuous time, 1 for "
+                   "consistency; ald: 100 per level; heun makes 2N - 1 network calls)")
     p.add_argument("--num", type=int, default=1000, help="number of samples (and of real images for --real-floor)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="class-conditional models: classifier-free guidance scale (1: none); with the MNIST "

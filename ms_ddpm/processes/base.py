@@ -35,6 +35,7 @@ The protocol (`Process`), read by the trainer, the losses and the samplers:
     training_time(u) continuous processes: the training draw of t from a uniform u in (0, 1) (discrete ones draw
                      integer labels uniformly, `train.randomness.TrainingDraws`)
     training_terms(x_0, t, eps) -> (network input, network time, regression target, per-sample weight or None)
+    trained_by_denoising   False where `training_terms` does not train it (consistency models); the trainer refuses
     ode_grid / denoiser / level_time   the sampling frame of the Euler family (`ms_ddpm.samplers.euler`)
 """
 import math
