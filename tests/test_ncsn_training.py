@@ -152,7 +152,8 @@ def test_cli_refuses_ald_for_a_ddpm_checkpoint(tmp_path, capsys):
 
 
 def test_bad_ncsn_configs_name_the_fix(tmp_path, capsys):
-    with pytest.raises(ConfigError, match=r"diffusion.process must be one of \['ddpm', 'ncsn', 'edm', 'flow'\], got 'smld'"):
+    with pytest.raises(ConfigError, match=r"diffusion.process must be one of \['ddpm', 'ncsn', 'edm', 'flow', "
+                                          r"'consistency'\], got 'smld'"):
         Config.from_dict({"diffusion": {"process": "smld"}})
     with pytest.raises(ConfigError, match=r"diffusion key\(s\) \['num_timesteps', 'objective'\] are settings of "
                                           r"process 'ddpm' and do nothing with diffusion.process 'ncsn'"):

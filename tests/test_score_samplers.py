@@ -320,7 +320,7 @@ def test_dpm_solver_first_step_is_ddim():
 def test_bad_arguments_name_the_valid_range():
     diffusion = linear_diffusion(T=100)
     with pytest.raises(ValueError, match=r"sampler must be one of \['ddpm', 'ddim', 'euler_maruyama', 'pc', 'ode', "
-                                         r"'dpm_solver', 'ald', 'euler', 'euler_ancestral', 'heun'\]"):
+                                         r"'dpm_solver', 'ald', 'euler', 'euler_ancestral', 'heun', 'consistency'\]"):
         create_sampler("unipc", diffusion)
     for snr in (0, -0.1):
         with pytest.raises(ValueError, match="snr must be > 0"):
