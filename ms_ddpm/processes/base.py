@@ -3,13 +3,13 @@
 A process noises data as x_t = alpha(t) x_0 + sigma(t) eps, eps ~ N(0, I), over discrete labels or continuous time
 (Kingma et al. 2021, "Variational Diffusion Models", Eq. 1; Karras et al. 2022, Table 1 write every process so):
 
-| process | alpha(t)            | sigma(t)               | time t                    | network sees as time       |
-| ------- | ------------------- | ---------------------- | ------------------------- | -------------------------- |
-| ddpm    | sqrt(alpha_bar_t)   | sqrt(1 - alpha_bar_t)  | integer label 0 .. T-1    | t                          |
-| ncsn    | 1                   | sigma_i                | level index i             | i                          |
-| edm     | 1                   | sigma                  | sigma, ln sigma ~ normal  | c_noise = ln(sigma) / 4    |
-| flow    | 1 - t               | t                      | t in (0, 1)               | 1000 t                     |
-| consistency | 1               | sigma                  | sigma, N Karras levels    | 1000 ln(sigma) / 4         |
+| process     | alpha(t)          | sigma(t)              | time t                   | network sees as time    |
+| ----------- | ----------------- | --------------------- | ------------------------ | ----------------------- |
+| ddpm        | sqrt(alpha_bar_t) | sqrt(1 - alpha_bar_t) | integer label 0 .. T-1   | t                       |
+| ncsn        | 1                 | sigma_i               | level index i            | i                       |
+| edm         | 1                 | sigma                 | sigma, ln sigma ~ normal | c_noise = ln(sigma) / 4 |
+| flow        | 1 - t             | t                     | t in (0, 1)              | 1000 t                  |
+| consistency | 1                 | sigma                 | sigma, N Karras levels   | 1000 ln(sigma) / 4      |
 
 The output contract: `split_output(process, output)` is the one reader of a raw network output, (prediction,
 variance values or None). A process with a learned variance (`learned_variance`: DDPM's `variance_type:
