@@ -18,6 +18,7 @@ from ms_ddpm.config import Config, ConfigError
 from ms_ddpm.losses import DiffusionLoss
 from ms_ddpm.processes import EDM, PROCESSES, GaussianDiffusion, RectifiedFlow, create_process, predict_eps, predict_x0
 from ms_ddpm.samplers import SAMPLERS, HeunSampler, create_sampler, samplers_for
+from ms_ddpm.samplers.base import FusedStep
 from ms_ddpm.schedules import karras_sigmas
 from ms_ddpm.train.randomness import TrainingDraws
 from ms_ddpm.train.trainer import Trainer
@@ -177,17 +178,19 @@ def test_edm_euler_ancestral_is_k_diffusions_sample_euler_ancestral():
     np.testing.assert_allclose(x, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("name,kwargs", [("heun", dict(s_churn=20.0)), ("euler_ancestral", {}), ("euler", {})])
-def test_edm_graph_mode_equals_pynative(name, kwargs):
+@pytest.mark.parametrize("process_name,name,kwargs", [("edm", "heun", dict(s_churn=20.0)),
+                                                      ("edm", "euler_ancestral", {}), ("edm", "euler", {}),
+                                                      ("consistency", "consistency", {})])
+def test_sigma_frame_graph_mode_equals_pynative(process_name, name, kwargs):
     """GRAPH_MODE runs each call as one compiled step with float32 coefficients; PyNative op by op in float64."""
-    proc = process("edm")
-    sampler = create_sampler(name, proc, **kwargs)
+    sampler = create_sampler(name, process(process_name), **kwargs)
     sampler.set_timesteps(6)
     model = CellModel()
     with execution_mode(ms.PYNATIVE_MODE):
         op_by_op = sampler.sample(model, SHAPE, seed=5, progress=False).asnumpy()
     with execution_mode(ms.GRAPH_MODE):
         graph = sampler.sample(model, SHAPE, seed=5, progress=False).asnumpy()
+        assert isinstance(sampler._fused_step(model), FusedStep)
     np.testing.assert_allclose(graph, op_by_op, rtol=1e-5, atol=1e-5 * np.abs(op_by_op).max())
 
 
